@@ -1,0 +1,125 @@
+"""WavLM attention with a gated relative position bias: the torch implementation and the dispatcher.
+
+For query i and key j of head h in batch row b::
+
+    logit = (q_i . k_j) / sqrt(d) + gate[b, h, i] * table[h, clamp(pos_k[j] - pos_q[i], -M, M) + M]
+
+followed by a softmax over the allowed keys (fp32) and the weighted sum of v. ``table`` is the per-head bias
+for every clamped distance, built once on the CPU from the exact bucket formula (so no logarithm is ever
+evaluated here), and ``M = (table.shape[1] - 1) // 2``. Keys are allowed when ``j < k_len[b]`` and, in the
+streaming (block) mode with chunk ``C`` and left context ``L``, when the key's chunk is not after the
+query's chunk and the key lies at most ``L`` frames before the start of the query's chunk; the rule reads
+absolute positions, so it holds equally for a whole utterance and for a chunk against its K/V cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+_BACKENDS = ("auto", "torch", "triton")
+_forced: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force ``torch`` or ``triton`` for every call (``None`` or ``auto`` restores the automatic choice)."""
+    global _forced
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {_BACKENDS}")
+    _forced = None if name == "auto" else name
+
+
+def attention_backend(device: torch.device) -> str:
+    """The backend a call on ``device`` takes: the forced one, else Triton on CUDA and torch elsewhere."""
+    name = _forced or os.environ.get("STREAMWAVLM_ATTENTION", "auto")
+    if name not in _BACKENDS:
+        raise ValueError(f"STREAMWAVLM_ATTENTION={name!r} is not one of {_BACKENDS}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+def gated_rel_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Tensor,
+    table: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    k_len: Tensor | None = None,
+    chunk: int | None = None,
+    left: int | None = None,
+) -> Tensor:
+    """Attention output ``(B, H, Tq, d)`` in the dtype of ``q``.
+
+    Shapes: q ``(B, H, Tq, d)``; k, v ``(B, H, Tk, d)``; gate ``(B, H, Tq)``; table ``(H, 2M+1)`` fp32;
+    q_pos ``(B, Tq)`` and k_pos ``(B, Tk)`` absolute frame indices; k_len ``(B,)`` valid keys per row.
+    ``chunk``/``left`` select the streaming block mask (``left=None``: unlimited left context).
+    """
+    if attention_backend(q.device) == "triton":
+        from .triton_gated_attention import gated_rel_attention_triton
+
+        return gated_rel_attention_triton(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left)
+    return gated_rel_attention_torch(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left)
+
+
+def allowed_keys(
+    q_pos: Tensor, k_pos: Tensor, k_len: Tensor | None, chunk: int | None, left: int | None
+) -> Tensor | None:
+    """Boolean ``(B, Tq, Tk)`` mask of the keys each query may see, or ``None`` when all are allowed."""
+    mask: Tensor | None = None
+    if k_len is not None:
+        idx = torch.arange(k_pos.shape[1], device=k_pos.device)
+        mask = (idx[None, :] < k_len[:, None])[:, None, :]
+    if chunk is not None:
+        q_chunk = torch.div(q_pos, chunk, rounding_mode="floor")[:, :, None]
+        k_chunk = torch.div(k_pos, chunk, rounding_mode="floor")[:, None, :]
+        block = k_chunk <= q_chunk
+        if left is not None:
+            block = block & (k_pos[:, None, :] >= q_chunk * chunk - left)
+        mask = block if mask is None else mask & block
+    return mask
+
+
+def gated_rel_attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    gate: Tensor,
+    table: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    *,
+    k_len: Tensor | None = None,
+    chunk: int | None = None,
+    left: int | None = None,
+    block_q: int = 256,
+) -> Tensor:
+    """The reference implementation, evaluated ``block_q`` queries at a time.
+
+    Blocking keeps the fp32 score tile at ``B*H*block_q*Tk`` instead of the full ``T x T`` bias that the
+    reference model materialises per layer (432 MB per tensor for a minute of Base audio).
+    """
+    batch, heads, tq, dim = q.shape
+    max_d = (table.shape[1] - 1) // 2
+    scale = dim**-0.5
+    table = table.to(device=q.device, dtype=torch.float32)
+    kt = k.transpose(-1, -2).float()
+    vf = v.float()
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    neg = torch.finfo(torch.float32).min
+    for s in range(0, tq, block_q):
+        e = min(s + block_q, tq)
+        scores = torch.matmul(q[:, :, s:e].float() * scale, kt)
+        dist = (k_pos[:, None, :] - q_pos[:, s:e, None]).clamp_(-max_d, max_d).add_(max_d)
+        bias = table[:, dist].permute(1, 0, 2, 3)  # (B, H, blk, Tk)
+        scores.addcmul_(gate[:, :, s:e, None].float(), bias)
+        mask = allowed_keys(q_pos[:, s:e], k_pos, k_len, chunk, left)
+        if mask is not None:
+            scores.masked_fill_(~mask[:, None], neg)
+        out[:, :, s:e] = torch.matmul(torch.softmax(scores, dim=-1), vf).to(q.dtype)
+    return out

@@ -1,0 +1,377 @@
+"""One configuration for every WavLM variant, built from either checkpoint format.
+
+The original (unilm) checkpoints carry a ``cfg`` dict whose defaults are *not* WavLM's (relative position
+embedding and the gate are off, ``max_distance`` is 1280), and Hugging Face directories carry a
+``config.json`` with other key names and their own defaults. Both are translated here into one explicit
+:class:`WavLMConfig`; anything the engine cannot run is refused with :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import operator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ConvSpec = tuple[int, int, int]  # (out channels, kernel, stride)
+
+DEFAULT_CONV_LAYERS: tuple[ConvSpec, ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
+
+
+class ConfigError(ValueError):
+    """A checkpoint configuration the engine cannot run; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class XVectorConfig:
+    """The speaker-verification head of transformers' ``WavLMForXVector``."""
+
+    use_weighted_layer_sum: bool = True
+    projector_dim: int = 512  # HF: tdnn_dim[0]
+    tdnn_dim: tuple[int, ...] = (512, 512, 512, 512, 1500)
+    tdnn_kernel: tuple[int, ...] = (5, 3, 3, 1, 1)
+    tdnn_dilation: tuple[int, ...] = (1, 2, 3, 1, 1)
+    output_dim: int = 512
+    num_labels: int = 2  # size of the (training-only) classifier kept for a faithful round trip
+
+    @property
+    def receptive_field(self) -> int:
+        """Frames of projector output that one TDNN output frame depends on (15 for the released head)."""
+        return 1 + sum((k - 1) * d for k, d in zip(self.tdnn_kernel, self.tdnn_dilation, strict=True))
+
+
+@dataclass(frozen=True)
+class WavLMConfig:
+    """Architecture of a WavLM encoder, independent of the checkpoint format it came from."""
+
+    extractor_mode: str = "default"  # "default": GroupNorm in conv block 0; "layer_norm": LN in every block
+    conv_layers: tuple[ConvSpec, ...] = DEFAULT_CONV_LAYERS
+    conv_bias: bool = False
+    embed_dim: int = 768
+    ffn_dim: int = 3072
+    num_layers: int = 12
+    num_heads: int = 12
+    layer_norm_first: bool = False  # pre-LN (Large) vs post-LN (Base, Base+)
+    conv_pos: int = 128
+    conv_pos_groups: int = 16
+    num_buckets: int = 320
+    max_distance: int = 800
+    layer_norm_eps: float = 1e-5
+    normalize: bool = False  # waveform layer norm expected by the checkpoint (Large)
+    normalize_eps: float = 1e-5  # 1e-5 as unilm/s3prl apply it; HF's feature extractor uses 1e-7
+    xvector: XVectorConfig | None = None
+    extras: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    # ------------------------------------------------------------------ derived geometry
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def conv_dim(self) -> int:
+        return self.conv_layers[-1][0]
+
+    @property
+    def hop(self) -> int:
+        """Samples between frames (320 for every released model: 50 frames/s at 16 kHz)."""
+        h = 1
+        for _, _, s in self.conv_layers:
+            h *= s
+        return h
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples one frame depends on (400 for the released models)."""
+        rf, jump = 1, 1
+        for _, k, s in self.conv_layers:
+            rf += (k - 1) * jump
+            jump *= s
+        return rf
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the CNN makes from ``num_samples`` samples (valid convolutions, no padding)."""
+        return 0 if num_samples < self.receptive_field else (num_samples - self.receptive_field) // self.hop + 1
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"unsupported config: {key}: {why}")
+
+        need(self.extractor_mode in ("default", "layer_norm"), "extractor_mode",
+             f"{self.extractor_mode!r} is not 'default' (group norm) or 'layer_norm'")
+        need(len(self.conv_layers) > 0, "conv_feature_layers", "the CNN needs at least one layer")
+        need(all(len(c) == 3 and min(c) > 0 for c in self.conv_layers), "conv_feature_layers",
+             "every layer must be a positive (dim, kernel, stride) triple")
+        need(self.embed_dim > 0 and self.num_heads > 0 and self.embed_dim % self.num_heads == 0,
+             "encoder_attention_heads", f"embed dim {self.embed_dim} is not divisible by {self.num_heads} heads")
+        need(self.embed_dim % self.conv_pos_groups == 0, "conv_pos_groups",
+             f"embed dim {self.embed_dim} is not divisible by {self.conv_pos_groups} groups")
+        need(self.conv_pos > 0, "conv_pos", "the positional convolution needs a kernel")
+        need(self.num_buckets >= 4 and self.num_buckets % 2 == 0, "num_buckets",
+             "bidirectional buckets need an even count of at least 4")
+        need(self.max_distance > self.num_buckets // 4, "max_distance",
+             f"must exceed num_buckets/4 = {self.num_buckets // 4} (the exact-distance range)")
+        need(self.num_layers > 0, "encoder_layers", "the encoder needs at least one layer")
+
+    # ------------------------------------------------------------------ original (unilm) cfg
+    @classmethod
+    def from_original(cls, cfg: dict[str, Any]) -> WavLMConfig:
+        """Build from the ``cfg`` dict of an original ``.pt`` checkpoint (unilm ``WavLMConfig`` keys)."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"checkpoint 'cfg' must be a dict, got {type(cfg).__name__}")
+        c = {**_UNILM_DEFAULTS, **cfg}
+        if not c["relative_position_embedding"]:
+            raise ConfigError("unsupported config: relative_position_embedding=False: every WavLM checkpoint "
+                              "uses the relative position bias; this looks like a HuBERT/wav2vec2 cfg")
+        if not c["gru_rel_pos"]:
+            raise ConfigError("unsupported config: gru_rel_pos=False: the engine implements WavLM's gated "
+                              "relative position bias only")
+        if c["activation_fn"] != "gelu":
+            raise ConfigError(f"unsupported config: activation_fn={c['activation_fn']!r}: only 'gelu' is implemented")
+        layers = c["conv_feature_layers"]
+        conv_layers = parse_conv_layers(layers) if isinstance(layers, str) else tuple(tuple(x) for x in layers)
+        known = set(_UNILM_DEFAULTS)
+        return cls(
+            extractor_mode=c["extractor_mode"],
+            conv_layers=conv_layers,
+            conv_bias=bool(c["conv_bias"]),
+            embed_dim=int(c["encoder_embed_dim"]),
+            ffn_dim=int(c["encoder_ffn_embed_dim"]),
+            num_layers=int(c["encoder_layers"]),
+            num_heads=int(c["encoder_attention_heads"]),
+            layer_norm_first=bool(c["layer_norm_first"]),
+            conv_pos=int(c["conv_pos"]),
+            conv_pos_groups=int(c["conv_pos_groups"]),
+            num_buckets=int(c["num_buckets"]),
+            max_distance=int(c["max_distance"]),
+            normalize=bool(c["normalize"]),
+            normalize_eps=1e-5,
+            extras={k: v for k, v in cfg.items() if k not in known},
+        )
+
+    def to_original(self) -> dict[str, Any]:
+        """The ``cfg`` dict of an original checkpoint (plain types only, so it loads with weights_only)."""
+        if self.xvector is not None:
+            raise ConfigError("the original .pt format has no speaker head; convert the backbone only")
+        return {
+            **_UNILM_DEFAULTS,
+            **{k: v for k, v in self.extras.items() if isinstance(v, (str, int, float, bool))},
+            "extractor_mode": self.extractor_mode,
+            "conv_feature_layers": repr([tuple(c) for c in self.conv_layers]),
+            "conv_bias": self.conv_bias,
+            "encoder_embed_dim": self.embed_dim,
+            "encoder_ffn_embed_dim": self.ffn_dim,
+            "encoder_layers": self.num_layers,
+            "encoder_attention_heads": self.num_heads,
+            "layer_norm_first": self.layer_norm_first,
+            "conv_pos": self.conv_pos,
+            "conv_pos_groups": self.conv_pos_groups,
+            "num_buckets": self.num_buckets,
+            "max_distance": self.max_distance,
+            "relative_position_embedding": True,
+            "gru_rel_pos": True,
+            "normalize": self.normalize,
+        }
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, config: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> WavLMConfig:
+        """Build from an HF ``config.json`` (and ``preprocessor_config.json`` for the waveform normalisation).
+
+        Without a preprocessor file the normalisation follows the released models: on for the layer-norm
+        (Large) variant, off otherwise.
+        """
+        c = {**_HF_DEFAULTS, **config}
+        norm = c["feat_extract_norm"]
+        if norm not in ("group", "layer"):
+            raise ConfigError(f"unsupported config: feat_extract_norm={norm!r}: expected 'group' or 'layer'")
+        for key in ("hidden_act", "feat_extract_activation"):
+            if c[key] != "gelu":
+                raise ConfigError(f"unsupported config: {key}={c[key]!r}: only 'gelu' is implemented")
+        dims, kernels, strides = c["conv_dim"], c["conv_kernel"], c["conv_stride"]
+        if not (len(dims) == len(kernels) == len(strides)):
+            raise ConfigError("unsupported config: conv_dim, conv_kernel and conv_stride differ in length")
+        if preprocessor is not None:
+            normalize = bool(preprocessor.get("do_normalize", False))
+        else:
+            normalize = norm == "layer"
+        archs = c.get("architectures") or []
+        xvector = None
+        if any("XVector" in a for a in archs):
+            tdnn = tuple(int(x) for x in c["tdnn_dim"])
+            xvector = XVectorConfig(
+                use_weighted_layer_sum=bool(c.get("use_weighted_layer_sum", False)),
+                projector_dim=tdnn[0],
+                tdnn_dim=tdnn,
+                tdnn_kernel=tuple(int(x) for x in c["tdnn_kernel"]),
+                tdnn_dilation=tuple(int(x) for x in c["tdnn_dilation"]),
+                output_dim=int(c["xvector_output_dim"]),
+                num_labels=int(c.get("num_labels") or len(c.get("id2label") or {}) or 2),
+            )
+        return cls(
+            extractor_mode="default" if norm == "group" else "layer_norm",
+            conv_layers=tuple((int(d), int(k), int(s)) for d, k, s in zip(dims, kernels, strides, strict=True)),
+            conv_bias=bool(c["conv_bias"]),
+            embed_dim=int(c["hidden_size"]),
+            ffn_dim=int(c["intermediate_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=int(c["num_attention_heads"]),
+            layer_norm_first=bool(c["do_stable_layer_norm"]),
+            conv_pos=int(c["num_conv_pos_embeddings"]),
+            conv_pos_groups=int(c["num_conv_pos_embedding_groups"]),
+            num_buckets=int(c["num_buckets"]),
+            max_distance=int(c["max_bucket_distance"]),
+            layer_norm_eps=float(c["layer_norm_eps"]),
+            normalize=normalize,
+            normalize_eps=1e-7,
+            xvector=xvector,
+            extras={k: v for k, v in config.items() if k not in _HF_DEFAULTS},
+        )
+
+    def to_hf(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``config.json`` and ``preprocessor_config.json`` contents for an HF directory."""
+        config: dict[str, Any] = {
+            **{k: v for k, v in self.extras.items() if _is_json(v)},
+            "model_type": "wavlm",
+            "architectures": ["WavLMForXVector" if self.xvector else "WavLMModel"],
+            "feat_extract_norm": "group" if self.extractor_mode == "default" else "layer",
+            "feat_extract_activation": "gelu",
+            "hidden_act": "gelu",
+            "conv_dim": [c[0] for c in self.conv_layers],
+            "conv_kernel": [c[1] for c in self.conv_layers],
+            "conv_stride": [c[2] for c in self.conv_layers],
+            "num_feat_extract_layers": len(self.conv_layers),
+            "conv_bias": self.conv_bias,
+            "hidden_size": self.embed_dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "do_stable_layer_norm": self.layer_norm_first,
+            "num_conv_pos_embeddings": self.conv_pos,
+            "num_conv_pos_embedding_groups": self.conv_pos_groups,
+            "num_buckets": self.num_buckets,
+            "max_bucket_distance": self.max_distance,
+            "layer_norm_eps": self.layer_norm_eps,
+        }
+        if self.xvector is not None:
+            x = self.xvector
+            config.update(use_weighted_layer_sum=x.use_weighted_layer_sum, tdnn_dim=list(x.tdnn_dim),
+                          tdnn_kernel=list(x.tdnn_kernel), tdnn_dilation=list(x.tdnn_dilation),
+                          xvector_output_dim=x.output_dim, num_labels=x.num_labels)
+        preprocessor = {
+            "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+            "feature_size": 1,
+            "sampling_rate": 16000,
+            "padding_value": 0.0,
+            "do_normalize": self.normalize,
+            "return_attention_mask": True,
+        }
+        return config, preprocessor
+
+    def replace(self, **changes: Any) -> WavLMConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dir(cls, directory: str | Path) -> WavLMConfig:
+        d = Path(directory)
+        try:
+            config = json.loads((d / "config.json").read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"{d} has no config.json: not a Hugging Face model directory") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{d / 'config.json'} is not valid JSON ({e}); re-download the directory") from e
+        pre_path = d / "preprocessor_config.json"
+        preprocessor = json.loads(pre_path.read_text()) if pre_path.exists() else None
+        return cls.from_hf(config, preprocessor)
+
+
+def _is_json(v: Any) -> bool:
+    try:
+        json.dumps(v)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+_BINOPS = {ast.Add: operator.add, ast.Mult: operator.mul}
+
+
+def parse_conv_layers(spec: str) -> tuple[ConvSpec, ...]:
+    """Evaluate a fairseq ``conv_feature_layers`` string without ``eval``.
+
+    Only list/tuple literals of integers combined with ``+`` and ``*`` are accepted, which covers every
+    released cfg (``"[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"``) and nothing executable.
+    """
+
+    def ev(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.List):
+            return [ev(e) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(ev(e) for e in node.elts)
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
+        raise ConfigError(f"unsupported config: conv_feature_layers={spec!r}: only list/tuple literals with + "
+                          "and * are accepted")
+
+    try:
+        value = ev(ast.parse(spec, mode="eval"))
+    except SyntaxError as e:
+        raise ConfigError(f"unsupported config: conv_feature_layers={spec!r} does not parse: {e}") from e
+    if not isinstance(value, list) or not all(isinstance(x, tuple) and len(x) == 3 for x in value):
+        raise ConfigError(f"unsupported config: conv_feature_layers={spec!r} is not a list of 3-tuples")
+    return tuple(tuple(int(v) for v in x) for x in value)  # type: ignore[misc]
+
+
+# unilm WavLMConfig defaults (only the keys that shape inference)
+_UNILM_DEFAULTS: dict[str, Any] = {
+    "extractor_mode": "default",
+    "encoder_layers": 12,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "conv_feature_layers": "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+    "conv_bias": False,
+    "normalize": False,
+    "conv_pos": 128,
+    "conv_pos_groups": 16,
+    "relative_position_embedding": False,
+    "num_buckets": 320,
+    "max_distance": 1280,
+    "gru_rel_pos": False,
+}
+
+# transformers WavLMConfig defaults (only the keys that shape inference)
+_HF_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "hidden_act": "gelu",
+    "feat_extract_norm": "group",
+    "feat_extract_activation": "gelu",
+    "conv_dim": (512, 512, 512, 512, 512, 512, 512),
+    "conv_stride": (5, 2, 2, 2, 2, 2, 2),
+    "conv_kernel": (10, 3, 3, 3, 3, 2, 2),
+    "conv_bias": False,
+    "num_conv_pos_embeddings": 128,
+    "num_conv_pos_embedding_groups": 16,
+    "num_buckets": 320,
+    "max_bucket_distance": 800,
+    "do_stable_layer_norm": False,
+    "layer_norm_eps": 1e-5,
+    "use_weighted_layer_sum": False,
+    "tdnn_dim": (512, 512, 512, 512, 1500),
+    "tdnn_kernel": (5, 3, 3, 1, 1),
+    "tdnn_dilation": (1, 2, 3, 1, 1),
+    "xvector_output_dim": 512,
+}
