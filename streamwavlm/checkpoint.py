@@ -421,3 +421,22 @@ def convert(src: str | Path, dst: str | Path, to: str, *, weight_norm: str = "le
             state = original_to_hf_keys(raw.state, weight_norm)
         return save_hf(raw.config, state, dst, safetensors=safetensors)
     raise ValueError(f"unknown format {to!r}; use 'original' or 'hf'")
+
+
+CHECKPOINT_ENV = "STREAMWAVLM_CHECKPOINT"
+
+
+def model_from_setting(path: str | Path | None, seed: int = 0) -> tuple[WavLM, str]:
+    """The model a command should use: ``path``, else ``$STREAMWAVLM_CHECKPOINT``, else a randomly
+    initialised Base+-shaped model (seeded, so runs repeat). Returns the model and a description."""
+    import os
+
+    chosen = path or os.environ.get(CHECKPOINT_ENV)
+    if chosen:
+        model = load_model(chosen)
+        return model, f"checkpoint {chosen}"
+    torch.manual_seed(seed)
+    return WavLM(WavLMConfig()), (
+        "RANDOM WEIGHTS: no checkpoint configured, using a randomly initialised Base+-shaped model "
+        f"(the embeddings mean nothing). Pass --checkpoint PATH or set {CHECKPOINT_ENV}."
+    )

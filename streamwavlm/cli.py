@@ -6,6 +6,10 @@ import argparse
 import importlib
 import sys
 
+from .audio.validate import AudioError
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
 # modules that define ``add_parser(subparsers)``; each parser sets ``func(args) -> int``
 COMMAND_MODULES = (
     "streamwavlm.commands.run",
@@ -31,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, ConfigError, AudioError) as e:
+        print(f"streamwavlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class WavLM(nn.Module):
             return self.frontend(wav)
         stats = None
         if self.frontend.group_norm:
-            stats = self._conv0_stats(wav[:, : (t - 1) * cfg.hop + cfg.receptive_field], block_frames)
+            stats = self._conv0_stats(wav, block_frames)  # over every sample, as the reference does
         span = (block_frames - 1) * cfg.hop + cfg.receptive_field
         blocks = [
             self.frontend(wav[:, s * cfg.hop: s * cfg.hop + span], stats) for s in range(0, t, block_frames)

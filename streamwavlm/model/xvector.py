@@ -19,7 +19,10 @@ class XVectorHead(nn.Module):
     def __init__(self, cfg: WavLMConfig, head: XVectorConfig) -> None:
         super().__init__()
         self.cfg = head
-        self.layer_weights = nn.Parameter(torch.ones(cfg.num_layers + 1) / (cfg.num_layers + 1))
+        self.layer_weights = (
+            nn.Parameter(torch.ones(cfg.num_layers + 1) / (cfg.num_layers + 1)) if head.use_weighted_layer_sum
+            else None
+        )
         self.projector = nn.Linear(cfg.embed_dim, head.projector_dim)
         dims = (head.projector_dim, *head.tdnn_dim)
         self.tdnn = nn.ModuleList(
@@ -31,7 +34,7 @@ class XVectorHead(nn.Module):
 
     def frame_input(self, hidden_states: list[Tensor]) -> Tensor:
         """Projected per-frame input of the TDNN ``(B, T, P)``: the (weighted) layer mix, projected."""
-        if self.cfg.use_weighted_layer_sum:
+        if self.layer_weights is not None:
             w = torch.softmax(self.layer_weights, dim=0)
             h = torch.einsum("l,lbtd->btd", w, torch.stack(hidden_states))
         else:

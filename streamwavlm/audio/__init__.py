@@ -1,0 +1,1 @@
+"""Audio input: checks, file reading, and (later) live sources."""

@@ -1,0 +1,584 @@
+"""``streamwavlm download NAME``: fetch a released WavLM checkpoint into a local cache, verified.
+
+The checkpoints are 380 MB to 1.3 GB, so a download resumes (HTTP ``Range``) instead of restarting, is checked
+against a known or server-declared size and sha256 before it replaces anything, and records what it verified in
+a manifest next to the files so ``--verify`` can re-check them later without network. Only urllib is used:
+downloading must work in a bare install, behind the same ``https_proxy`` settings as everything else.
+
+Cache layout: ``<root>/<NAME>/<file>`` plus ``<root>/<NAME>/manifest.json``, root being ``--cache-dir``,
+``$STREAMWAVLM_CACHE`` or ``~/.cache/streamwavlm``. A mirror given with ``--base-url`` serves the same layout
+(``<base>/<NAME>/<file>``), so a copy of a cache directory behind any static file server is a mirror.
+"""
+
+from __future__ import annotations
+
+import argparse
+import email.message
+import hashlib
+import json
+import os
+import re
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from http.client import HTTPException, HTTPResponse
+from pathlib import Path
+from typing import IO, Any
+
+CACHE_ENV = "STREAMWAVLM_CACHE"
+BASE_URL_ENV = "STREAMWAVLM_DOWNLOAD_BASE_URL"
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+DEFAULT_TIMEOUT = 30.0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_OFFLINE = 3  # distinct so scripts can tell "no network" from "bad file"
+_CHUNK = 1 << 20
+_USER_AGENT = "streamwavlm-download (python-urllib)"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+
+
+class DownloadError(RuntimeError):
+    """A download that produced no verified file; the message says what happened and what to do next."""
+
+
+class NetworkError(DownloadError):
+    """The server could not be reached at all (no network, DNS failure, connection refused, timeout)."""
+
+
+class IntegrityError(DownloadError):
+    """A file whose size or sha256 is not the expected one; it is never left in place as a cached file."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One published file. ``size``/``sha256`` are set only where the true value is known: otherwise the
+    server's own declaration (Content-Length, the Hub's LFS sha256 ETag) is the reference."""
+
+    name: str
+    size: int | None = None
+    sha256: str | None = None
+    url: str | None = None  # fixed source URL; None: the file of the model's Hugging Face repo
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A released model: the files it needs, each a tuple of alternatives (the first the server has wins)."""
+
+    name: str
+    summary: str
+    slots: tuple[tuple[RemoteFile, ...], ...]
+    hf_repo: str | None = None
+    note: str = ""  # caveats of the source, repeated in error messages
+
+    @property
+    def source(self) -> str:
+        if self.hf_repo is not None:
+            endpoint = os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT
+            return f"{endpoint.rstrip('/')}/{self.hf_repo} (revision main)"
+        url = self.slots[0][0].url or ""
+        return url.split("?", 1)[0]
+
+    def local_path(self, model_dir: Path) -> Path:
+        """What ``--checkpoint`` takes: the directory of a Hub model, the file of an original checkpoint."""
+        return model_dir if self.hf_repo is not None else model_dir / self.slots[0][0].name
+
+    def url(self, file: RemoteFile, base_url: str | None) -> str:
+        if base_url:
+            return f"{base_url.rstrip('/')}/{urllib.parse.quote(self.name)}/{urllib.parse.quote(file.name)}"
+        if file.url is not None:
+            return file.url
+        endpoint = os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT
+        return f"{endpoint.rstrip('/')}/{self.hf_repo}/resolve/main/{urllib.parse.quote(file.name)}"
+
+
+# --------------------------------------------------------------------------------------------- registry
+# Original checkpoints: the "Azure Storage" links of https://github.com/microsoft/unilm/blob/master/wavlm/README.md.
+# They carry the read-only (sp=rl) SAS token published in that README, valid until 2033-03-02.
+_UNILM_README = "https://github.com/microsoft/unilm/tree/master/wavlm"
+_UNILM_BLOB = "https://valle.blob.core.windows.net/share/wavlm/"
+_UNILM_SAS = (
+    "sv=2020-08-04&st=2023-03-01T07%3A51%3A05Z&se=2033-03-02T07%3A51%3A00Z&sr=c&sp=rl"
+    "&sig=QJXmSJG9DbMKf48UDIU1MfzIro8HQOf3sqlNXiflY1I%3D"
+)
+
+
+def _unilm(name: str, file: str, gdrive_id: str, summary: str) -> ModelSpec:
+    note = (
+        f"The source is the Azure link of the unilm README ({_UNILM_README}); it only works with the read-only "
+        "SAS token published there (expires 2033-03-02) and answers HTTP 403 once that token is revoked. The "
+        f"README's other mirror, https://drive.google.com/file/d/{gdrive_id}/view, cannot be fetched by a plain "
+        "GET (Google Drive answers large files with a confirmation page): download it in a browser instead."
+    )
+    return ModelSpec(name, summary, ((RemoteFile(file, url=f"{_UNILM_BLOB}{file}?{_UNILM_SAS}"),),), note=note)
+
+
+def _hub(name: str, repo: str, summary: str, bin_sha256: str | None = None) -> ModelSpec:
+    # Every one of these repos has preprocessor_config.json on main; it is required because its do_normalize
+    # decides the waveform normalisation (on for Large). The safetensors conversions exist only as unmerged
+    # pull requests (refs/pr/N) today, so main serves pytorch_model.bin; safetensors is preferred once merged.
+    slots = (
+        (RemoteFile("config.json"),),
+        (RemoteFile("preprocessor_config.json"),),
+        (RemoteFile("model.safetensors"), RemoteFile("pytorch_model.bin", sha256=bin_sha256)),
+    )
+    return ModelSpec(name, summary, slots, hf_repo=repo)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        _unilm("unilm-wavlm-base", "WavLM-Base.pt", "1BhTPLUkfN6e2xkqR8LEm9lByXbLY1IYd",
+               "WavLM Base, original unilm checkpoint"),
+        _unilm("unilm-wavlm-base-plus", "WavLM-Base+.pt", "1-zlAj2SyVJVsbhifwpTlAfrgc9qu-HDb",
+               "WavLM Base+, original unilm checkpoint"),
+        _unilm("unilm-wavlm-large", "WavLM-Large.pt", "12-cB34qCTvByWT-QtOcZaqwwO21FLSqU",
+               "WavLM Large, original unilm checkpoint"),
+        # sha256 from the Hub's LFS details of microsoft/wavlm-base main:pytorch_model.bin (commit 14e28e3)
+        _hub("wavlm-base", "microsoft/wavlm-base", "WavLM Base, Hugging Face directory",
+             bin_sha256="b41ab60fdcdc113ff164212c72b371dcd420a5773ca1f6c8f54d6809225ce072"),
+        _hub("wavlm-base-plus", "microsoft/wavlm-base-plus", "WavLM Base+, Hugging Face directory"),
+        _hub("wavlm-large", "microsoft/wavlm-large", "WavLM Large, Hugging Face directory"),
+        _hub("wavlm-base-plus-sv", "microsoft/wavlm-base-plus-sv",
+             "WavLM Base+ with the x-vector speaker-verification head, Hugging Face directory"),
+    )
+}
+
+
+def _spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise DownloadError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache root: ``cache_dir``, else ``$STREAMWAVLM_CACHE``, else ``~/.cache/streamwavlm``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "streamwavlm"
+
+
+# --------------------------------------------------------------------------------------------- manifest
+def _load_manifest(model_dir: Path) -> dict[str, Any]:
+    """The manifest, or an empty one when missing or unreadable (its files are then re-hashed, not trusted)."""
+    try:
+        data = json.loads((model_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
+        return {"format": MANIFEST_FORMAT, "files": {}}
+    return data
+
+
+def _save_manifest(model_dir: Path, spec: ModelSpec, manifest: dict[str, Any]) -> None:
+    manifest.update(name=spec.name, source=spec.source)
+    tmp = model_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, model_dir / MANIFEST)  # atomic: a crash never leaves a half-written manifest
+
+
+def _cached_choice(model_dir: Path, manifest: dict[str, Any], slot: tuple[RemoteFile, ...]) -> RemoteFile | None:
+    """The alternative of ``slot`` that the manifest vouches for and that is still there at its recorded size."""
+    for file in slot:
+        entry = manifest["files"].get(file.name)
+        path = model_dir / file.name
+        if isinstance(entry, dict) and path.is_file() and path.stat().st_size == entry.get("size"):
+            return file
+    return None
+
+
+def cached_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The local path of ``name`` if every file is in the cache at its recorded size, else None (no hashing)."""
+    spec = _spec(name)
+    model_dir = cache_root(cache_dir) / spec.name
+    manifest = _load_manifest(model_dir)
+    if all(_cached_choice(model_dir, manifest, slot) for slot in spec.slots):
+        return spec.local_path(model_dir)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- HTTP
+class _NotFound(Exception):
+    """HTTP 404: the next alternative of the slot is tried."""
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """What the server says about the whole file, and which header said it (recorded in the manifest)."""
+
+    size: int | None = None
+    size_header: str | None = None
+    sha256: str | None = None
+    sha256_header: str | None = None
+
+
+class _StatusError(DownloadError):
+    """An HTTP error status other than 404 and 416 (e.g. 403 from an expired signed URL)."""
+
+
+class _Unsatisfiable(Exception):
+    """HTTP 416 to a ``Range`` request: the ``.part`` is not shorter than the file."""
+
+    def __init__(self, declared: _Declared) -> None:
+        super().__init__(declared)
+        self.declared = declared
+
+
+class _RedirectRecorder(urllib.request.HTTPRedirectHandler):
+    """Keeps the headers of every redirect response: the Hub puts the LFS sha256 (``X-Linked-Etag``) and size
+    (``X-Linked-Size``) on its redirect to the CDN, and the CDN's response does not repeat them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[email.message.Message] = []
+
+    def redirect_request(self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+                         headers: email.message.Message, newurl: str) -> urllib.request.Request | None:
+        self.headers.append(headers)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _declared(redirects: list[email.message.Message], final: email.message.Message, status: int) -> _Declared:
+    size: int | None = None
+    size_header: str | None = None
+    if status in (206, 416):
+        m = _CONTENT_RANGE.fullmatch((final.get("Content-Range") or "").strip())
+        if m and m[2] != "*":
+            size, size_header = int(m[2]), "Content-Range"
+    elif final.get("Content-Length", "").strip().isdigit():
+        size, size_header = int(final["Content-Length"]), "Content-Length"
+    if size is None:
+        linked = [h["X-Linked-Size"] for h in redirects if (h.get("X-Linked-Size") or "").strip().isdigit()]
+        if linked:
+            size, size_header = int(linked[0]), "X-Linked-Size"
+    for header in ("X-Linked-Etag", "ETag"):  # the Hub's LFS etag is the sha256; other etags are ignored
+        for h in (*redirects, final):
+            value = (h.get(header) or "").strip().removeprefix("W/").strip('"').lower()
+            if _SHA256.fullmatch(value):
+                return _Declared(size, size_header, value, header)
+    return _Declared(size, size_header)
+
+
+def _open(url: str, offset: int, timeout: float) -> tuple[HTTPResponse, _Declared]:
+    recorder = _RedirectRecorder()
+    request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        response: HTTPResponse = urllib.request.build_opener(recorder).open(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        e.close()
+        if e.code == 404:
+            raise _NotFound(url) from e
+        if e.code == 416 and offset:
+            raise _Unsatisfiable(_declared(recorder.headers, e.headers, 416)) from e
+        raise _StatusError(f"{url} answered HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise NetworkError(f"cannot reach {url}: {e.reason}") from e
+    except (OSError, HTTPException) as e:  # timeouts and resets before any response
+        raise NetworkError(f"cannot reach {url}: {e!r}") from e
+    return response, _declared(recorder.headers, response.headers, response.status)
+
+
+class _Progress:
+    """Progress of one file on ``stream``: a rich bar on a terminal, else a line every 10 % so logs stay short."""
+
+    def __init__(self, label: str, total: int | None, done: int, stream: IO[str] | None) -> None:
+        self._label, self._total, self._stream = label, total, stream
+        self._next_pct = 0
+        self._rich: Any = None
+        if stream is None:
+            return
+        if stream.isatty():
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=stream))
+            self._task = self._rich.add_task(label, total=total, completed=done)
+            self._rich.start()
+        elif done:
+            print(f"streamwavlm: {label}: resuming at {done / 1e6:.1f} MB", file=stream, flush=True)
+        self.update(done)
+
+    def update(self, done: int) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, completed=done)
+        elif self._stream is not None and self._total:
+            pct = 100 * done // self._total
+            if pct >= self._next_pct:
+                print(f"streamwavlm: {self._label}: {pct:3d}% ({done / 1e6:.1f}/{self._total / 1e6:.1f} MB)",
+                      file=self._stream, flush=True)
+                self._next_pct = (pct // 10 + 1) * 10
+
+    def close(self, done: int) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self._stream is not None and not self._total:
+            print(f"streamwavlm: {self._label}: {done / 1e6:.1f} MB", file=self._stream, flush=True)
+
+
+def _hash_file(path: Path) -> hashlib._Hash:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fetch(url: str, dest: Path, expected: RemoteFile, timeout: float, stream: IO[str] | None) -> dict[str, Any]:
+    """Download ``url`` to ``dest`` through ``dest.part``, resuming it; returns the manifest entry."""
+    part = dest.with_name(dest.name + ".part")
+    while True:
+        offset = part.stat().st_size if part.exists() else 0
+        try:
+            response, declared = _open(url, offset, timeout)
+        except _Unsatisfiable as e:
+            if e.declared.size == offset:  # the .part already holds the whole file (an earlier run was cut short)
+                return _finish(part, dest, url, expected, e.declared, _hash_file(part).hexdigest(), offset)
+            part.unlink()  # longer than the file: not a prefix of it; start over (no Range: no 416 again)
+            continue
+        with response:
+            _check_declared(url, expected, declared)
+            if response.status == 206:
+                m = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+                if not m or m[1] is None or int(m[1]) != offset:
+                    raise DownloadError(f"{url} answered a request for bytes {offset}- with Content-Range "
+                                        f"{response.headers.get('Content-Range')!r}; delete {part} and run again")
+                hasher, mode = _hash_file(part), "ab"
+            else:  # 200: the whole body; a server that ignores Range restarts the file from byte 0
+                hasher, mode, offset = hashlib.sha256(), "wb", 0
+            received = _stream(response, part, mode, hasher, offset, declared.size, url, stream)
+        return _finish(part, dest, url, expected, declared, hasher.hexdigest(), received)
+
+
+def _check_declared(url: str, expected: RemoteFile, declared: _Declared) -> None:
+    """Refuse before transferring anything when the server announces another file than the registry's."""
+    if expected.size is not None and declared.size is not None and expected.size != declared.size:
+        raise IntegrityError(f"size mismatch for {url}: the server declares {declared.size} bytes "
+                             f"({declared.size_header}), the registry expects {expected.size}; nothing was saved")
+    if expected.sha256 and declared.sha256 and expected.sha256 != declared.sha256:
+        raise IntegrityError(f"sha256 mismatch for {url}: the server declares {declared.sha256} "
+                             f"({declared.sha256_header}), the registry expects {expected.sha256}; nothing was saved")
+
+
+def _stream(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash, received: int,
+            total: int | None, url: str, stream: IO[str] | None) -> int:
+    progress = _Progress(part.name.removesuffix(".part"), total, received, stream)
+    try:
+        with open(part, mode) as out:
+            while True:
+                try:
+                    chunk = response.read(_CHUNK)
+                except (OSError, HTTPException) as e:  # the network went away mid-transfer
+                    raise DownloadError(f"transfer of {url} interrupted after {received} bytes ({e!r}); the "
+                                        f"partial file {part} is kept: run the same command again to resume") from e
+                if not chunk:
+                    return received
+                out.write(chunk)
+                hasher.update(chunk)
+                received += len(chunk)
+                progress.update(received)
+    finally:
+        progress.close(received)
+
+
+def _finish(part: Path, dest: Path, url: str, expected: RemoteFile, declared: _Declared, digest: str,
+            received: int) -> dict[str, Any]:
+    """Check the complete ``.part`` and move it into place; a file that fails is deleted, never installed."""
+    size, size_source = ((expected.size, "registry size") if expected.size is not None
+                         else (declared.size, f"server size ({declared.size_header})"))
+    if size is not None and received < size:
+        raise DownloadError(f"incomplete download of {url}: got {received} of {size} bytes ({size_source}); the "
+                            f"partial file {part} is kept: run the same command again to resume")
+    if size is not None and received > size:
+        part.unlink()
+        raise IntegrityError(f"size mismatch for {url}: got {received} bytes, expected {size} ({size_source}); "
+                             "the download was deleted")
+    sha, sha_source = ((expected.sha256, "registry sha256") if expected.sha256
+                       else (declared.sha256, f"server sha256 ({declared.sha256_header})"))
+    if sha and digest != sha:
+        part.unlink()
+        raise IntegrityError(f"sha256 mismatch for {url}: got {digest}, expected {sha} ({sha_source}); the "
+                             f"download was deleted and nothing was installed at {dest}. Run again to retry; if it "
+                             "persists, the source serves a different file than expected")
+    os.replace(part, dest)
+    verified = sha_source if sha else size_source if size is not None else "none"
+    return {"size": received, "sha256": digest, "verified_against": verified, "url": url, "fetched": _now()}
+
+
+# --------------------------------------------------------------------------------------------- API
+def _adopt(path: Path, expected: RemoteFile) -> dict[str, Any]:
+    """Register a file put in the cache by hand (the offline route), checked against what the registry knows."""
+    size = path.stat().st_size
+    digest = _hash_file(path).hexdigest()
+    if (expected.size is not None and size != expected.size) or (expected.sha256 and digest != expected.sha256):
+        raise IntegrityError(f"{path} is not the released file: size {size}, sha256 {digest}; the registry "
+                             f"expects size {expected.size}, sha256 {expected.sha256}. Replace it, or delete it "
+                             "and run again to download it")
+    verified = "registry sha256" if expected.sha256 else "registry size" if expected.size is not None else "none"
+    return {"size": size, "sha256": digest, "verified_against": f"{verified} (placed by hand)", "url": None,
+            "fetched": _now()}
+
+
+def _offline_help(spec: ModelSpec, model_dir: Path, manifest: dict[str, Any]) -> str:
+    missing = [slot for slot in spec.slots if _cached_choice(model_dir, manifest, slot) is None]
+    lines = ["Without network: fetch the file(s) elsewhere, put them here and run the same command again "
+             "(it verifies and registers them without network):"]
+    for slot in missing:
+        alternatives = f"   (or {', '.join(f.name for f in slot[1:])})" if len(slot) > 1 else ""
+        lines.append(f"  {model_dir / slot[0].name}{alternatives}")
+    lines.append("or pass a local checkpoint file or Hugging Face directory with --checkpoint PATH.")
+    if spec.note:
+        lines.append(spec.note)
+    return "\n".join(lines)
+
+
+def download(name: str, cache_dir: str | os.PathLike[str] | None = None, base_url: str | None = None, *,
+             force: bool = False, timeout: float = DEFAULT_TIMEOUT, progress: bool = True) -> Path:
+    """Make sure model ``name`` is in the cache and return its local path (file or directory).
+
+    Files already recorded in the manifest at their size are trusted without network; files put in the cache
+    by hand are hashed and registered; the rest are downloaded (resuming any ``.part``) from ``base_url``,
+    ``$STREAMWAVLM_DOWNLOAD_BASE_URL``, or the official source (``$HF_ENDPOINT`` for the Hub). ``force``
+    discards cached and partial files first. Raises :class:`NetworkError` when the source cannot be reached,
+    :class:`IntegrityError` for a wrong file, :class:`DownloadError` otherwise.
+    """
+    spec = _spec(name)
+    model_dir = cache_root(cache_dir) / spec.name
+    base_url = base_url or os.environ.get(BASE_URL_ENV) or None
+    stream = sys.stderr if progress else None
+    if force:
+        for file in (f for slot in spec.slots for f in slot):
+            for path in (model_dir / file.name, model_dir / (file.name + ".part")):
+                path.unlink(missing_ok=True)
+        (model_dir / MANIFEST).unlink(missing_ok=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(model_dir)
+    for slot in spec.slots:
+        if _cached_choice(model_dir, manifest, slot) is not None:
+            continue
+        placed = next((f for f in slot if (model_dir / f.name).is_file()), None)
+        if placed is not None:
+            manifest["files"][placed.name] = _adopt(model_dir / placed.name, placed)
+        else:
+            file, entry = _fetch_slot(spec, slot, model_dir, manifest, base_url, timeout, stream)
+            manifest["files"][file.name] = entry
+        _save_manifest(model_dir, spec, manifest)  # after each file, so a later failure keeps the earlier ones
+    return spec.local_path(model_dir)
+
+
+def _fetch_slot(spec: ModelSpec, slot: tuple[RemoteFile, ...], model_dir: Path, manifest: dict[str, Any],
+                base_url: str | None, timeout: float, stream: IO[str] | None) -> tuple[RemoteFile, dict[str, Any]]:
+    not_found = []
+    for file in slot:
+        url = spec.url(file, base_url)
+        try:
+            return file, _fetch(url, model_dir / file.name, file, timeout, stream)
+        except _NotFound:
+            not_found.append(url)
+        except NetworkError as e:
+            raise NetworkError(f"{e}\n{_offline_help(spec, model_dir, manifest)}") from e
+        except _StatusError as e:
+            raise DownloadError(f"{e}\n{spec.note}" if spec.note else str(e)) from e
+    raise DownloadError(f"{spec.name}: not found at the source (HTTP 404): {', '.join(not_found)}")
+
+
+def verify(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Re-hash the cached files of ``name`` against the manifest and the registry, without network.
+
+    A file that fails is deleted and dropped from the manifest, so the next :func:`download` fetches it again
+    rather than trusting it; :class:`IntegrityError` names every such file.
+    """
+    spec = _spec(name)
+    model_dir = cache_root(cache_dir) / spec.name
+    manifest = _load_manifest(model_dir)
+    files = [f for f in (_cached_choice(model_dir, manifest, slot) for slot in spec.slots) if f is not None]
+    if len(files) != len(spec.slots):
+        raise DownloadError(f"{name} is not (completely) in the cache at {model_dir}; run `streamwavlm download "
+                            f"{name}` first")
+    bad = []
+    for file in files:
+        recorded = manifest["files"][file.name]["sha256"]
+        digest = _hash_file(model_dir / file.name).hexdigest()
+        if digest != recorded or (file.sha256 and digest != file.sha256):
+            (model_dir / file.name).unlink()
+            del manifest["files"][file.name]
+            bad.append(f"  {model_dir / file.name}: sha256 {digest}, expected {file.sha256 or recorded}")
+    if bad:
+        _save_manifest(model_dir, spec, manifest)
+        raise IntegrityError("sha256 mismatch, file(s) deleted:\n" + "\n".join(bad) +
+                             f"\nrun `streamwavlm download {name}` to fetch them again")
+    return spec.local_path(model_dir)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def _registry_table(cache_dir: Path | None) -> str:
+    rows = []
+    for spec in REGISTRY.values():
+        cached = cached_path(spec.name, cache_dir)
+        rows.append(f"{spec.name:<22} {spec.summary}\n{'':<22} source: {spec.source}\n{'':<22} "
+                    f"cached: {cached if cached else '-'}")
+    return "\n".join(rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``download`` subcommand: prints the local path on stdout, diagnostics on stderr."""
+    if args.list:
+        print(_registry_table(args.cache_dir))
+        return 0
+    if args.name is None:
+        print("streamwavlm download: NAME is required (see --list)", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.verify:
+            path = verify(args.name, args.cache_dir)
+        else:
+            path = download(args.name, args.cache_dir, args.base_url, force=args.force, timeout=args.timeout)
+    except NetworkError as e:
+        print(f"streamwavlm download: {e}", file=sys.stderr)
+        return EXIT_OFFLINE
+    except DownloadError as e:
+        print(f"streamwavlm download: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(path)
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``download`` on the ``streamwavlm`` subcommand parsers."""
+    p = sub.add_parser(
+        "download", help="download a released WavLM checkpoint into the local cache",
+        description="Download a released WavLM checkpoint into the local cache (resumable, size- and "
+        "sha256-verified) and print its local path, for --checkpoint.",
+        epilog=f"Exit status: 0 ok, {EXIT_FAILED} failed (bad or incomplete file), {EXIT_USAGE} usage, "
+        f"{EXIT_OFFLINE} source unreachable.",
+    )
+    p.add_argument("name", nargs="?", choices=list(REGISTRY), metavar="NAME",
+                   help=f"model to fetch: {', '.join(REGISTRY)}")
+    p.add_argument("--list", action="store_true", help="print the registry and what is cached, then exit")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help=f"cache root (default: ${CACHE_ENV} or ~/.cache/streamwavlm)")
+    p.add_argument("--base-url", default=None,
+                   help=f"fetch BASE_URL/NAME/FILE instead of the official source (default: ${BASE_URL_ENV}); "
+                   f"${HF_ENDPOINT_ENV} replaces {DEFAULT_HF_ENDPOINT} for the Hub models")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                   help="seconds to wait for a connection or for data (default: %(default)s)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--verify", action="store_true",
+                      help="re-hash the cached files against the manifest, offline; files that fail are deleted")
+    mode.add_argument("--force", action="store_true", help="discard cached and partial files and download again")
+    p.set_defaults(func=run)

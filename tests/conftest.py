@@ -1,0 +1,69 @@
+"""Shared fixtures: random-weight reference models from transformers, saved as real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_hf_config(kind: str, **overrides):
+    """A small transformers WavLMConfig with the released models' CNN geometry, buckets and pos-conv kernel.
+
+    ``kind`` is ``base`` (GroupNorm front end, post-LN) or ``large`` (LayerNorm front end, pre-LN).
+    """
+    from transformers import WavLMConfig as HFConfig
+
+    args = dict(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
+        conv_dim=(32,) * 7, num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+        feat_extract_norm="group" if kind == "base" else "layer", do_stable_layer_norm=kind == "large",
+        num_buckets=320, max_bucket_distance=800,
+    )
+    args.update(overrides)
+    return HFConfig(**args)
+
+
+def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Move every parameter off its initial value (LN weights of 1, zero biases, gate constants of 1), so
+    that a parity test exercises every tensor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model.eval()
+
+
+def save_hf_model(model, directory: Path, *, normalize: bool = False, safe: bool = True) -> Path:
+    model.save_pretrained(directory, safe_serialization=safe)
+    (directory / "preprocessor_config.json").write_text(json.dumps({"do_normalize": normalize}))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Random transformers ``WavLMModel``s (base- and large-type) and their saved HF directories."""
+    from transformers import WavLMModel
+
+    out = {}
+    for i, kind in enumerate(("base", "large")):
+        torch.manual_seed(i)
+        model = perturb_(WavLMModel(tiny_hf_config(kind)), seed=i)
+        out[kind] = (model, save_hf_model(model, tmp_path_factory.mktemp(f"hf-{kind}")))
+    return out
+
+
+@pytest.fixture(scope="session")
+def speech() -> torch.Tensor:
+    """Two seconds of the bundled speech sample (real voiced audio, not noise)."""
+    from streamwavlm.audio.validate import read_wav
+    from streamwavlm.commands.common import bundled_sample
+
+    return read_wav(str(bundled_sample()))[16000:48000].clone()
