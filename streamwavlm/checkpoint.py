@@ -162,7 +162,10 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "GLOBAL" not in str(e):  # not a forbidden object: the pickle stream itself is broken
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint (not a readable torch file). "
+                                  "Download it again (`streamwavlm download NAME` verifies it).") from e
+        first = next(line for line in str(e).splitlines() if "GLOBAL" in line).strip()
         raise CheckpointError(
             f"{path}: refused to load: the file carries Python objects other than tensors and plain "
             f"containers ({first}). Loading it could run arbitrary code. Use a checkpoint from a trusted "

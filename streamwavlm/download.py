@@ -1,13 +1,13 @@
 """``streamwavlm download NAME``: fetch a released WavLM checkpoint into a local cache, verified.
 
-The checkpoints are 380 MB to 1.3 GB, so a download resumes (HTTP ``Range``) instead of restarting, is checked
-against a known or server-declared size and sha256 before it replaces anything, and records what it verified in
-a manifest next to the files so ``--verify`` can re-check them later without network. Only urllib is used:
-downloading must work in a bare install, behind the same ``https_proxy`` settings as everything else.
+The checkpoints are 380 MB to 1.3 GB, so a download resumes (HTTP ``Range``) instead of restarting, is
+checked against a known or server-declared size and sha256 before it replaces anything, and records what it
+verified in a manifest next to the files so ``--verify`` can re-check them later without network. Only
+urllib is used: downloading must work in a bare install, behind the same ``https_proxy`` as everything else.
 
 Cache layout: ``<root>/<NAME>/<file>`` plus ``<root>/<NAME>/manifest.json``, root being ``--cache-dir``,
-``$STREAMWAVLM_CACHE`` or ``~/.cache/streamwavlm``. A mirror given with ``--base-url`` serves the same layout
-(``<base>/<NAME>/<file>``), so a copy of a cache directory behind any static file server is a mirror.
+``$STREAMWAVLM_CACHE`` or ``~/.cache/streamwavlm``. A mirror given with ``--base-url`` serves the same
+layout (``<base>/<NAME>/<file>``), so a copy of a cache directory behind any static file server is a mirror.
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ _CHUNK = 1 << 20
 _USER_AGENT = "streamwavlm-download (python-urllib)"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)")
+
+Manifest = dict[str, Any]
+Entry = dict[str, Any]
 
 
 class DownloadError(RuntimeError):
@@ -80,26 +83,28 @@ class ModelSpec:
     @property
     def source(self) -> str:
         if self.hf_repo is not None:
-            endpoint = os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT
-            return f"{endpoint.rstrip('/')}/{self.hf_repo} (revision main)"
-        url = self.slots[0][0].url or ""
-        return url.split("?", 1)[0]
+            return f"{_hf_endpoint()}/{self.hf_repo} (revision main)"
+        return (self.slots[0][0].url or "").split("?", 1)[0]
 
     def local_path(self, model_dir: Path) -> Path:
         """What ``--checkpoint`` takes: the directory of a Hub model, the file of an original checkpoint."""
         return model_dir if self.hf_repo is not None else model_dir / self.slots[0][0].name
 
     def url(self, file: RemoteFile, base_url: str | None) -> str:
+        quote = urllib.parse.quote
         if base_url:
-            return f"{base_url.rstrip('/')}/{urllib.parse.quote(self.name)}/{urllib.parse.quote(file.name)}"
+            return f"{base_url.rstrip('/')}/{quote(self.name)}/{quote(file.name)}"
         if file.url is not None:
             return file.url
-        endpoint = os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT
-        return f"{endpoint.rstrip('/')}/{self.hf_repo}/resolve/main/{urllib.parse.quote(file.name)}"
+        return f"{_hf_endpoint()}/{self.hf_repo}/resolve/main/{quote(file.name)}"
 
 
-# --------------------------------------------------------------------------------------------- registry
-# Original checkpoints: the "Azure Storage" links of https://github.com/microsoft/unilm/blob/master/wavlm/README.md.
+def _hf_endpoint() -> str:
+    return (os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+# Original checkpoints: the "Azure Storage" links of https://github.com/microsoft/unilm/blob/master/wavlm/README.md
 # They carry the read-only (sp=rl) SAS token published in that README, valid until 2033-03-02.
 _UNILM_README = "https://github.com/microsoft/unilm/tree/master/wavlm"
 _UNILM_BLOB = "https://valle.blob.core.windows.net/share/wavlm/"
@@ -111,18 +116,20 @@ _UNILM_SAS = (
 
 def _unilm(name: str, file: str, gdrive_id: str, summary: str) -> ModelSpec:
     note = (
-        f"The source is the Azure link of the unilm README ({_UNILM_README}); it only works with the read-only "
-        "SAS token published there (expires 2033-03-02) and answers HTTP 403 once that token is revoked. The "
-        f"README's other mirror, https://drive.google.com/file/d/{gdrive_id}/view, cannot be fetched by a plain "
-        "GET (Google Drive answers large files with a confirmation page): download it in a browser instead."
+        f"The source is the Azure link of the unilm README ({_UNILM_README}); it works only with the "
+        "read-only SAS token published there (expires 2033-03-02) and answers HTTP 403 once that token is "
+        f"revoked. The README's other mirror, https://drive.google.com/file/d/{gdrive_id}/view, cannot be "
+        "fetched by a plain GET (Google Drive answers large files with a confirmation page): download it in "
+        "a browser instead."
     )
-    return ModelSpec(name, summary, ((RemoteFile(file, url=f"{_UNILM_BLOB}{file}?{_UNILM_SAS}"),),), note=note)
+    source = RemoteFile(file, url=f"{_UNILM_BLOB}{file}?{_UNILM_SAS}")
+    return ModelSpec(name, summary, ((source,),), note=note)
 
 
 def _hub(name: str, repo: str, summary: str, bin_sha256: str | None = None) -> ModelSpec:
-    # Every one of these repos has preprocessor_config.json on main; it is required because its do_normalize
-    # decides the waveform normalisation (on for Large). The safetensors conversions exist only as unmerged
-    # pull requests (refs/pr/N) today, so main serves pytorch_model.bin; safetensors is preferred once merged.
+    # Each of these repos has preprocessor_config.json on main; it is required because its do_normalize
+    # decides the waveform normalisation (on for Large). Their safetensors conversions exist only as unmerged
+    # pull requests (refs/pr/N) today, so main serves pytorch_model.bin; safetensors wins once merged.
     slots = (
         (RemoteFile("config.json"),),
         (RemoteFile("preprocessor_config.json"),),
@@ -140,7 +147,7 @@ REGISTRY: dict[str, ModelSpec] = {
                "WavLM Base+, original unilm checkpoint"),
         _unilm("unilm-wavlm-large", "WavLM-Large.pt", "12-cB34qCTvByWT-QtOcZaqwwO21FLSqU",
                "WavLM Large, original unilm checkpoint"),
-        # sha256 from the Hub's LFS details of microsoft/wavlm-base main:pytorch_model.bin (commit 14e28e3)
+        # sha256: the Hub's "Git LFS details" of microsoft/wavlm-base main:pytorch_model.bin (commit 14e28e3)
         _hub("wavlm-base", "microsoft/wavlm-base", "WavLM Base, Hugging Face directory",
              bin_sha256="b41ab60fdcdc113ff164212c72b371dcd420a5773ca1f6c8f54d6809225ce072"),
         _hub("wavlm-base-plus", "microsoft/wavlm-base-plus", "WavLM Base+, Hugging Face directory"),
@@ -166,27 +173,26 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "streamwavlm"
 
 
-# --------------------------------------------------------------------------------------------- manifest
-def _load_manifest(model_dir: Path) -> dict[str, Any]:
-    """The manifest, or an empty one when missing or unreadable (its files are then re-hashed, not trusted)."""
+# ------------------------------------------------------------------------------------------------ manifest
+def _load_manifest(model_dir: Path) -> Manifest:
+    """The manifest, or an empty one if missing or unreadable (its files are then re-hashed, not trusted)."""
     try:
         data = json.loads((model_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         data = None
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("files"), dict):
-        return {"format": MANIFEST_FORMAT, "files": {}}
-    return data
+    valid = isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+    return data if valid and isinstance(data.get("files"), dict) else {"format": MANIFEST_FORMAT, "files": {}}
 
 
-def _save_manifest(model_dir: Path, spec: ModelSpec, manifest: dict[str, Any]) -> None:
+def _save_manifest(model_dir: Path, spec: ModelSpec, manifest: Manifest) -> None:
     manifest.update(name=spec.name, source=spec.source)
     tmp = model_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, model_dir / MANIFEST)  # atomic: a crash never leaves a half-written manifest
 
 
-def _cached_choice(model_dir: Path, manifest: dict[str, Any], slot: tuple[RemoteFile, ...]) -> RemoteFile | None:
-    """The alternative of ``slot`` that the manifest vouches for and that is still there at its recorded size."""
+def _cached_choice(model_dir: Path, manifest: Manifest, slot: tuple[RemoteFile, ...]) -> RemoteFile | None:
+    """The alternative of ``slot`` that the manifest vouches for and that is still there at its size."""
     for file in slot:
         entry = manifest["files"].get(file.name)
         path = model_dir / file.name
@@ -196,7 +202,7 @@ def _cached_choice(model_dir: Path, manifest: dict[str, Any], slot: tuple[Remote
 
 
 def cached_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
-    """The local path of ``name`` if every file is in the cache at its recorded size, else None (no hashing)."""
+    """The local path of ``name`` if all its files are in the cache at their recorded size (no hashing)."""
     spec = _spec(name)
     model_dir = cache_root(cache_dir) / spec.name
     manifest = _load_manifest(model_dir)
@@ -205,9 +211,13 @@ def cached_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> P
     return None
 
 
-# --------------------------------------------------------------------------------------------- HTTP
+# ------------------------------------------------------------------------------------------------ HTTP
 class _NotFound(Exception):
     """HTTP 404: the next alternative of the slot is tried."""
+
+
+class _StatusError(DownloadError):
+    """An HTTP error status other than 404 and 416 (e.g. 403 from an expired signed URL)."""
 
 
 @dataclass(frozen=True)
@@ -220,10 +230,6 @@ class _Declared:
     sha256_header: str | None = None
 
 
-class _StatusError(DownloadError):
-    """An HTTP error status other than 404 and 416 (e.g. 403 from an expired signed URL)."""
-
-
 class _Unsatisfiable(Exception):
     """HTTP 416 to a ``Range`` request: the ``.part`` is not shorter than the file."""
 
@@ -233,8 +239,8 @@ class _Unsatisfiable(Exception):
 
 
 class _RedirectRecorder(urllib.request.HTTPRedirectHandler):
-    """Keeps the headers of every redirect response: the Hub puts the LFS sha256 (``X-Linked-Etag``) and size
-    (``X-Linked-Size``) on its redirect to the CDN, and the CDN's response does not repeat them."""
+    """Keeps the headers of every redirect response: the Hub puts the LFS sha256 (``X-Linked-Etag``) and
+    size (``X-Linked-Size``) on its redirect to the CDN, and the CDN's response does not repeat them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -253,17 +259,20 @@ def _declared(redirects: list[email.message.Message], final: email.message.Messa
         m = _CONTENT_RANGE.fullmatch((final.get("Content-Range") or "").strip())
         if m and m[2] != "*":
             size, size_header = int(m[2]), "Content-Range"
-    elif final.get("Content-Length", "").strip().isdigit():
+    elif (final.get("Content-Length") or "").strip().isdigit():
         size, size_header = int(final["Content-Length"]), "Content-Length"
     if size is None:
         linked = [h["X-Linked-Size"] for h in redirects if (h.get("X-Linked-Size") or "").strip().isdigit()]
         if linked:
             size, size_header = int(linked[0]), "X-Linked-Size"
-    for header in ("X-Linked-Etag", "ETag"):  # the Hub's LFS etag is the sha256; other etags are ignored
-        for h in (*redirects, final):
-            value = (h.get(header) or "").strip().removeprefix("W/").strip('"').lower()
-            if _SHA256.fullmatch(value):
-                return _Declared(size, size_header, value, header)
+    # The Hub's LFS etag is the file's sha256 (other etags, e.g. git blob ids, are ignored). A plain ETag only
+    # counts on the response to the URL asked for: after a redirect it is the CDN's own (a Xet hash is 64 hex
+    # digits too), so only X-Linked-Etag is trusted anywhere in the chain.
+    chain = (*redirects, final)
+    for header, h in (*(("X-Linked-Etag", h) for h in chain), ("ETag", chain[0])):
+        value = (h.get(header) or "").strip().removeprefix("W/").strip('"').lower()
+        if _SHA256.fullmatch(value):
+            return _Declared(size, size_header, value, header)
     return _Declared(size, size_header)
 
 
@@ -283,13 +292,13 @@ def _open(url: str, offset: int, timeout: float) -> tuple[HTTPResponse, _Declare
         raise _StatusError(f"{url} answered HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
         raise NetworkError(f"cannot reach {url}: {e.reason}") from e
-    except (OSError, HTTPException) as e:  # timeouts and resets before any response
+    except (OSError, HTTPException) as e:  # a timeout or reset while waiting for the status line
         raise NetworkError(f"cannot reach {url}: {e!r}") from e
     return response, _declared(recorder.headers, response.headers, response.status)
 
 
 class _Progress:
-    """Progress of one file on ``stream``: a rich bar on a terminal, else a line every 10 % so logs stay short."""
+    """Progress of one file: a rich bar on a terminal, else a line every 10 % so that logs stay short."""
 
     def __init__(self, label: str, total: int | None, done: int, stream: IO[str] | None) -> None:
         self._label, self._total, self._stream = label, total, stream
@@ -299,8 +308,14 @@ class _Progress:
             return
         if stream.isatty():
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
 
             self._rich = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                                   TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=stream))
@@ -339,7 +354,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _fetch(url: str, dest: Path, expected: RemoteFile, timeout: float, stream: IO[str] | None) -> dict[str, Any]:
+def _fetch(url: str, dest: Path, expected: RemoteFile, timeout: float, stream: IO[str] | None) -> Entry:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming it; returns the manifest entry."""
     part = dest.with_name(dest.name + ".part")
     while True:
@@ -347,17 +362,18 @@ def _fetch(url: str, dest: Path, expected: RemoteFile, timeout: float, stream: I
         try:
             response, declared = _open(url, offset, timeout)
         except _Unsatisfiable as e:
-            if e.declared.size == offset:  # the .part already holds the whole file (an earlier run was cut short)
+            if e.declared.size == offset:  # the .part holds the whole file: an earlier run stopped at the end
                 return _finish(part, dest, url, expected, e.declared, _hash_file(part).hexdigest(), offset)
-            part.unlink()  # longer than the file: not a prefix of it; start over (no Range: no 416 again)
+            part.unlink()  # longer than the file, so not a prefix of it: start over (no Range, no 416)
             continue
         with response:
             _check_declared(url, expected, declared)
             if response.status == 206:
-                m = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+                content_range = response.headers.get("Content-Range")
+                m = _CONTENT_RANGE.fullmatch((content_range or "").strip())
                 if not m or m[1] is None or int(m[1]) != offset:
                     raise DownloadError(f"{url} answered a request for bytes {offset}- with Content-Range "
-                                        f"{response.headers.get('Content-Range')!r}; delete {part} and run again")
+                                        f"{content_range!r}; delete {part} and run again")
                 hasher, mode = _hash_file(part), "ab"
             else:  # 200: the whole body; a server that ignores Range restarts the file from byte 0
                 hasher, mode, offset = hashlib.sha256(), "wb", 0
@@ -369,10 +385,12 @@ def _check_declared(url: str, expected: RemoteFile, declared: _Declared) -> None
     """Refuse before transferring anything when the server announces another file than the registry's."""
     if expected.size is not None and declared.size is not None and expected.size != declared.size:
         raise IntegrityError(f"size mismatch for {url}: the server declares {declared.size} bytes "
-                             f"({declared.size_header}), the registry expects {expected.size}; nothing was saved")
+                             f"({declared.size_header}), the registry expects {expected.size}; "
+                             "nothing was saved")
     if expected.sha256 and declared.sha256 and expected.sha256 != declared.sha256:
         raise IntegrityError(f"sha256 mismatch for {url}: the server declares {declared.sha256} "
-                             f"({declared.sha256_header}), the registry expects {expected.sha256}; nothing was saved")
+                             f"({declared.sha256_header}), the registry expects {expected.sha256}; "
+                             "nothing was saved")
 
 
 def _stream(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash, received: int,
@@ -384,8 +402,9 @@ def _stream(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash
                 try:
                     chunk = response.read(_CHUNK)
                 except (OSError, HTTPException) as e:  # the network went away mid-transfer
-                    raise DownloadError(f"transfer of {url} interrupted after {received} bytes ({e!r}); the "
-                                        f"partial file {part} is kept: run the same command again to resume") from e
+                    raise DownloadError(f"transfer of {url} interrupted after {received} bytes ({e!r}); "
+                                        f"the partial file {part} is kept: run the same command again to "
+                                        "resume") from e
                 if not chunk:
                     return received
                 out.write(chunk)
@@ -397,92 +416,62 @@ def _stream(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash
 
 
 def _finish(part: Path, dest: Path, url: str, expected: RemoteFile, declared: _Declared, digest: str,
-            received: int) -> dict[str, Any]:
+            received: int) -> Entry:
     """Check the complete ``.part`` and move it into place; a file that fails is deleted, never installed."""
     size, size_source = ((expected.size, "registry size") if expected.size is not None
                          else (declared.size, f"server size ({declared.size_header})"))
     if size is not None and received < size:
-        raise DownloadError(f"incomplete download of {url}: got {received} of {size} bytes ({size_source}); the "
-                            f"partial file {part} is kept: run the same command again to resume")
+        raise DownloadError(f"incomplete download of {url}: got {received} of {size} bytes ({size_source}); "
+                            f"the partial file {part} is kept: run the same command again to resume")
     if size is not None and received > size:
         part.unlink()
-        raise IntegrityError(f"size mismatch for {url}: got {received} bytes, expected {size} ({size_source}); "
-                             "the download was deleted")
+        raise IntegrityError(f"size mismatch for {url}: got {received} bytes, expected {size} "
+                             f"({size_source}); the download was deleted")
     sha, sha_source = ((expected.sha256, "registry sha256") if expected.sha256
                        else (declared.sha256, f"server sha256 ({declared.sha256_header})"))
     if sha and digest != sha:
         part.unlink()
         raise IntegrityError(f"sha256 mismatch for {url}: got {digest}, expected {sha} ({sha_source}); the "
-                             f"download was deleted and nothing was installed at {dest}. Run again to retry; if it "
-                             "persists, the source serves a different file than expected")
+                             f"download was deleted and nothing was installed at {dest}. Run again to retry; "
+                             "if it persists, the source serves another file than the expected one")
     os.replace(part, dest)
     verified = sha_source if sha else size_source if size is not None else "none"
     return {"size": received, "sha256": digest, "verified_against": verified, "url": url, "fetched": _now()}
 
 
-# --------------------------------------------------------------------------------------------- API
-def _adopt(path: Path, expected: RemoteFile) -> dict[str, Any]:
-    """Register a file put in the cache by hand (the offline route), checked against what the registry knows."""
+# ------------------------------------------------------------------------------------------------ API
+def _adopt(path: Path, expected: RemoteFile) -> Entry:
+    """Register a file put in the cache by hand (the offline route), checked against what the registry
+    knows; a file that fails stays where the user put it, and the error says so."""
     size = path.stat().st_size
     digest = _hash_file(path).hexdigest()
-    if (expected.size is not None and size != expected.size) or (expected.sha256 and digest != expected.sha256):
+    wrong_size = expected.size is not None and size != expected.size
+    if wrong_size or (expected.sha256 and digest != expected.sha256):
         raise IntegrityError(f"{path} is not the released file: size {size}, sha256 {digest}; the registry "
-                             f"expects size {expected.size}, sha256 {expected.sha256}. Replace it, or delete it "
-                             "and run again to download it")
-    verified = "registry sha256" if expected.sha256 else "registry size" if expected.size is not None else "none"
+                             f"expects size {expected.size}, sha256 {expected.sha256}. Replace it, or delete "
+                             "it and run again to download it")
+    verified = ("registry sha256" if expected.sha256
+                else "registry size" if expected.size is not None else "none")
     return {"size": size, "sha256": digest, "verified_against": f"{verified} (placed by hand)", "url": None,
             "fetched": _now()}
 
 
-def _offline_help(spec: ModelSpec, model_dir: Path, manifest: dict[str, Any]) -> str:
-    missing = [slot for slot in spec.slots if _cached_choice(model_dir, manifest, slot) is None]
+def _offline_help(spec: ModelSpec, model_dir: Path, manifest: Manifest) -> str:
     lines = ["Without network: fetch the file(s) elsewhere, put them here and run the same command again "
-             "(it verifies and registers them without network):"]
-    for slot in missing:
-        alternatives = f"   (or {', '.join(f.name for f in slot[1:])})" if len(slot) > 1 else ""
-        lines.append(f"  {model_dir / slot[0].name}{alternatives}")
+             "(it then verifies and registers them without network):"]
+    for slot in spec.slots:
+        if _cached_choice(model_dir, manifest, slot) is None:
+            others = f"   (or {', '.join(f.name for f in slot[1:])})" if len(slot) > 1 else ""
+            lines.append(f"  {model_dir / slot[0].name}{others}")
     lines.append("or pass a local checkpoint file or Hugging Face directory with --checkpoint PATH.")
     if spec.note:
         lines.append(spec.note)
     return "\n".join(lines)
 
 
-def download(name: str, cache_dir: str | os.PathLike[str] | None = None, base_url: str | None = None, *,
-             force: bool = False, timeout: float = DEFAULT_TIMEOUT, progress: bool = True) -> Path:
-    """Make sure model ``name`` is in the cache and return its local path (file or directory).
-
-    Files already recorded in the manifest at their size are trusted without network; files put in the cache
-    by hand are hashed and registered; the rest are downloaded (resuming any ``.part``) from ``base_url``,
-    ``$STREAMWAVLM_DOWNLOAD_BASE_URL``, or the official source (``$HF_ENDPOINT`` for the Hub). ``force``
-    discards cached and partial files first. Raises :class:`NetworkError` when the source cannot be reached,
-    :class:`IntegrityError` for a wrong file, :class:`DownloadError` otherwise.
-    """
-    spec = _spec(name)
-    model_dir = cache_root(cache_dir) / spec.name
-    base_url = base_url or os.environ.get(BASE_URL_ENV) or None
-    stream = sys.stderr if progress else None
-    if force:
-        for file in (f for slot in spec.slots for f in slot):
-            for path in (model_dir / file.name, model_dir / (file.name + ".part")):
-                path.unlink(missing_ok=True)
-        (model_dir / MANIFEST).unlink(missing_ok=True)
-    model_dir.mkdir(parents=True, exist_ok=True)
-    manifest = _load_manifest(model_dir)
-    for slot in spec.slots:
-        if _cached_choice(model_dir, manifest, slot) is not None:
-            continue
-        placed = next((f for f in slot if (model_dir / f.name).is_file()), None)
-        if placed is not None:
-            manifest["files"][placed.name] = _adopt(model_dir / placed.name, placed)
-        else:
-            file, entry = _fetch_slot(spec, slot, model_dir, manifest, base_url, timeout, stream)
-            manifest["files"][file.name] = entry
-        _save_manifest(model_dir, spec, manifest)  # after each file, so a later failure keeps the earlier ones
-    return spec.local_path(model_dir)
-
-
-def _fetch_slot(spec: ModelSpec, slot: tuple[RemoteFile, ...], model_dir: Path, manifest: dict[str, Any],
-                base_url: str | None, timeout: float, stream: IO[str] | None) -> tuple[RemoteFile, dict[str, Any]]:
+def _fetch_slot(spec: ModelSpec, slot: tuple[RemoteFile, ...], model_dir: Path, manifest: Manifest,
+                base_url: str | None, timeout: float,
+                stream: IO[str] | None) -> tuple[RemoteFile, Entry]:
     not_found = []
     for file in slot:
         url = spec.url(file, base_url)
@@ -497,19 +486,53 @@ def _fetch_slot(spec: ModelSpec, slot: tuple[RemoteFile, ...], model_dir: Path, 
     raise DownloadError(f"{spec.name}: not found at the source (HTTP 404): {', '.join(not_found)}")
 
 
+def download(name: str, cache_dir: str | os.PathLike[str] | None = None, base_url: str | None = None, *,
+             force: bool = False, timeout: float = DEFAULT_TIMEOUT, progress: bool = True) -> Path:
+    """Make sure model ``name`` is in the cache and return its local path (file or directory).
+
+    Files the manifest records at their size are trusted without network; files put in the cache by hand
+    are hashed and registered; the rest are downloaded (resuming any ``.part``) from ``base_url``,
+    ``$STREAMWAVLM_DOWNLOAD_BASE_URL``, or the official source (``$HF_ENDPOINT`` for the Hub). ``force``
+    discards cached and partial files first. Raises :class:`NetworkError` when the source cannot be
+    reached, :class:`IntegrityError` for a wrong file, :class:`DownloadError` otherwise.
+    """
+    spec = _spec(name)
+    model_dir = cache_root(cache_dir) / spec.name
+    base_url = base_url or os.environ.get(BASE_URL_ENV) or None
+    stream = sys.stderr if progress else None
+    if force:
+        for file in (f for slot in spec.slots for f in slot):
+            (model_dir / file.name).unlink(missing_ok=True)
+            (model_dir / (file.name + ".part")).unlink(missing_ok=True)
+        (model_dir / MANIFEST).unlink(missing_ok=True)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _load_manifest(model_dir)
+    for slot in spec.slots:
+        if _cached_choice(model_dir, manifest, slot) is not None:
+            continue
+        placed = next((f for f in slot if (model_dir / f.name).is_file()), None)
+        if placed is not None:
+            manifest["files"][placed.name] = _adopt(model_dir / placed.name, placed)
+        else:
+            file, entry = _fetch_slot(spec, slot, model_dir, manifest, base_url, timeout, stream)
+            manifest["files"][file.name] = entry
+        _save_manifest(model_dir, spec, manifest)  # after each file: a later failure keeps the earlier ones
+    return spec.local_path(model_dir)
+
+
 def verify(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Re-hash the cached files of ``name`` against the manifest and the registry, without network.
 
-    A file that fails is deleted and dropped from the manifest, so the next :func:`download` fetches it again
-    rather than trusting it; :class:`IntegrityError` names every such file.
+    A file that fails is deleted and dropped from the manifest, so that the next :func:`download` fetches
+    it again instead of trusting it; the :class:`IntegrityError` names every such file.
     """
     spec = _spec(name)
     model_dir = cache_root(cache_dir) / spec.name
     manifest = _load_manifest(model_dir)
     files = [f for f in (_cached_choice(model_dir, manifest, slot) for slot in spec.slots) if f is not None]
     if len(files) != len(spec.slots):
-        raise DownloadError(f"{name} is not (completely) in the cache at {model_dir}; run `streamwavlm download "
-                            f"{name}` first")
+        raise DownloadError(f"{name} is not (completely) in the cache at {model_dir}; run "
+                            f"`streamwavlm download {name}` first")
     bad = []
     for file in files:
         recorded = manifest["files"][file.name]["sha256"]
@@ -525,18 +548,18 @@ def verify(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return spec.local_path(model_dir)
 
 
-# --------------------------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------------------------------------------ CLI
 def _registry_table(cache_dir: Path | None) -> str:
     rows = []
     for spec in REGISTRY.values():
         cached = cached_path(spec.name, cache_dir)
-        rows.append(f"{spec.name:<22} {spec.summary}\n{'':<22} source: {spec.source}\n{'':<22} "
-                    f"cached: {cached if cached else '-'}")
+        rows.append(f"{spec.name:<22} {spec.summary}\n{'':<22} source: {spec.source}\n"
+                    f"{'':<22} cached: {cached or '-'}")
     return "\n".join(rows)
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``download`` subcommand: prints the local path on stdout, diagnostics on stderr."""
+    """The ``download`` subcommand: the local path on stdout, progress and diagnostics on stderr."""
     if args.list:
         print(_registry_table(args.cache_dir))
         return 0
@@ -551,7 +574,7 @@ def run(args: argparse.Namespace) -> int:
     except NetworkError as e:
         print(f"streamwavlm download: {e}", file=sys.stderr)
         return EXIT_OFFLINE
-    except DownloadError as e:
+    except (DownloadError, OSError) as e:  # OSError: the cache itself (permissions, disk full)
         print(f"streamwavlm download: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(path)
@@ -563,7 +586,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p = sub.add_parser(
         "download", help="download a released WavLM checkpoint into the local cache",
         description="Download a released WavLM checkpoint into the local cache (resumable, size- and "
-        "sha256-verified) and print its local path, for --checkpoint.",
+        "sha256-verified) and print its local path, the value for --checkpoint.",
         epilog=f"Exit status: 0 ok, {EXIT_FAILED} failed (bad or incomplete file), {EXIT_USAGE} usage, "
         f"{EXIT_OFFLINE} source unreachable.",
     )
@@ -573,12 +596,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"cache root (default: ${CACHE_ENV} or ~/.cache/streamwavlm)")
     p.add_argument("--base-url", default=None,
-                   help=f"fetch BASE_URL/NAME/FILE instead of the official source (default: ${BASE_URL_ENV}); "
-                   f"${HF_ENDPOINT_ENV} replaces {DEFAULT_HF_ENDPOINT} for the Hub models")
+                   help=f"fetch BASE_URL/NAME/FILE instead of the official source (default: "
+                   f"${BASE_URL_ENV}); ${HF_ENDPOINT_ENV} replaces {DEFAULT_HF_ENDPOINT} for the Hub models")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds to wait for a connection or for data (default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--verify", action="store_true",
-                      help="re-hash the cached files against the manifest, offline; files that fail are deleted")
-    mode.add_argument("--force", action="store_true", help="discard cached and partial files and download again")
+                      help="re-hash the cached files against the manifest, offline; bad files are deleted")
+    mode.add_argument("--force", action="store_true",
+                      help="discard cached and partial files and download again")
     p.set_defaults(func=run)

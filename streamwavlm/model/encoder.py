@@ -18,8 +18,8 @@ class FeatureProjection(nn.Module):
         self.linear = nn.Linear(cfg.conv_dim, cfg.embed_dim)
 
     def forward(self, features: Tensor) -> Tensor:
-        """``(B, C, T)`` CNN output to ``(B, T, D)``."""
-        return self.linear(self.norm(features.transpose(1, 2)))
+        """``(B, T, C)`` CNN output to ``(B, T, D)``."""
+        return self.linear(self.norm(features))
 
 
 class PositionalConv(nn.Module):

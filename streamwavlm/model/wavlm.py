@@ -84,6 +84,7 @@ class WavLM(nn.Module):
 
     def derive(self) -> None:
         """Recompute the tensors derived from the parameters: the bias table and fused projections."""
+        self.frontend.derive()
         self.encoder.build_table()
         for layer in self.encoder.layers:
             layer.attn.fuse()
@@ -101,7 +102,7 @@ class WavLM(nn.Module):
         return out
 
     def cnn(self, wav: Tensor, block_frames: int = FRONTEND_BLOCK_FRAMES) -> Tensor:
-        """CNN features ``(B, C, T)``, computed in blocks of ``block_frames`` frames for long inputs.
+        """CNN features ``(B, T, C)``, computed in blocks of ``block_frames`` frames for long inputs.
 
         Blocks overlap by ``receptive_field - hop`` samples, so every frame sees exactly its own samples;
         GroupNorm statistics come from a first pass over conv 0 that adds up per-block moments.
@@ -117,7 +118,7 @@ class WavLM(nn.Module):
         blocks = [
             self.frontend(wav[:, s * cfg.hop: s * cfg.hop + span], stats) for s in range(0, t, block_frames)
         ]
-        return torch.cat(blocks, dim=-1)
+        return torch.cat(blocks, dim=1)
 
     def _conv0_stats(self, wav: Tensor, block_frames: int) -> tuple[Tensor, Tensor]:
         _, k0, s0 = self.cfg.conv_layers[0]

@@ -1,0 +1,26 @@
+# Every target sets itself up first (idempotent): system packages, .venv, torch CPU wheel, the project.
+PY := .venv/bin/python
+
+.PHONY: setup run test test-heavy lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	@.venv/bin/streamwavlm run
+
+test: setup
+	@.venv/bin/ruff check .
+	@$(PY) -m pytest -q
+
+test-heavy: setup
+	@$(PY) -m pytest -q -m heavy
+
+lint: setup
+	@.venv/bin/ruff check .
+
+bench: setup
+	@$(PY) benchmarks/bench_offline.py
+
+clean:
+	rm -rf .venv out .pytest_cache .ruff_cache
