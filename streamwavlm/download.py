@@ -128,12 +128,13 @@ def _unilm(name: str, file: str, gdrive_id: str, summary: str) -> ModelSpec:
 
 def _hub(name: str, repo: str, summary: str, bin_sha256: str | None = None) -> ModelSpec:
     # Each of these repos has preprocessor_config.json on main; it is required because its do_normalize
-    # decides the waveform normalisation (on for Large). Their safetensors conversions exist only as unmerged
-    # pull requests (refs/pr/N) today, so main serves pytorch_model.bin; safetensors wins once merged.
+    # decides the waveform normalisation (on for Large). main serves pytorch_model.bin (read with
+    # weights_only); the safetensors conversions exist only as unmerged pull requests (refs/pr/N) today, and
+    # are the fallback should a repo ever drop the .bin.
     slots = (
         (RemoteFile("config.json"),),
         (RemoteFile("preprocessor_config.json"),),
-        (RemoteFile("model.safetensors"), RemoteFile("pytorch_model.bin", sha256=bin_sha256)),
+        (RemoteFile("pytorch_model.bin", sha256=bin_sha256), RemoteFile("model.safetensors")),
     )
     return ModelSpec(name, summary, slots, hf_repo=repo)
 
@@ -377,7 +378,7 @@ def _fetch(url: str, dest: Path, expected: RemoteFile, timeout: float, stream: I
                 hasher, mode = _hash_file(part), "ab"
             else:  # 200: the whole body; a server that ignores Range restarts the file from byte 0
                 hasher, mode, offset = hashlib.sha256(), "wb", 0
-            received = _stream(response, part, mode, hasher, offset, declared.size, url, stream)
+            received = _receive(response, part, mode, hasher, offset, declared.size, url, stream)
         return _finish(part, dest, url, expected, declared, hasher.hexdigest(), received)
 
 
@@ -393,8 +394,8 @@ def _check_declared(url: str, expected: RemoteFile, declared: _Declared) -> None
                              "nothing was saved")
 
 
-def _stream(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash, received: int,
-            total: int | None, url: str, stream: IO[str] | None) -> int:
+def _receive(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash, received: int,
+             total: int | None, url: str, stream: IO[str] | None) -> int:
     progress = _Progress(part.name.removesuffix(".part"), total, received, stream)
     try:
         with open(part, mode) as out:
@@ -511,6 +512,13 @@ def download(name: str, cache_dir: str | os.PathLike[str] | None = None, base_ur
         if _cached_choice(model_dir, manifest, slot) is not None:
             continue
         placed = next((f for f in slot if (model_dir / f.name).is_file()), None)
+        if placed is not None and placed.name in manifest["files"]:  # ours, but no longer at its size
+            if stream is not None:
+                print(f"streamwavlm: {model_dir / placed.name} differs from its manifest entry: downloading "
+                      "it again", file=stream)
+            (model_dir / placed.name).unlink()
+            del manifest["files"][placed.name]
+            placed = None
         if placed is not None:
             manifest["files"][placed.name] = _adopt(model_dir / placed.name, placed)
         else:

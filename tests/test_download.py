@@ -83,7 +83,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         n = state.truncate.get(path, len(body))
-        state.sent[path] = state.sent.get(path, 0) + n  # counted first: the client may finish before we return
+        state.sent[path] = state.sent.get(path, 0) + n  # first: the client may be done before we return
         self.wfile.write(body[:n])
 
 
@@ -159,7 +159,7 @@ def test_hub_layout_full_download_with_lfs_sha256_on_redirect(server: Server, tm
     assert (path / "preprocessor_config.json").read_bytes() == pre
     assert (path / "pytorch_model.bin").read_bytes() == weights
     assert not (path / "model.safetensors").exists() and not list(path.glob("*.part"))
-    assert (f"{repo}/model.safetensors", None) in st.requests  # preferred, 404, then the .bin
+    assert all("safetensors" not in p for p, _ in st.requests)  # the .bin is there: no need for the fallback
     files = _manifest(path)["files"]
     assert files["pytorch_model.bin"]["sha256"] == _sha(weights)
     assert files["pytorch_model.bin"]["verified_against"] == "server sha256 (X-Linked-Etag)"
@@ -170,6 +170,20 @@ def test_hub_layout_full_download_with_lfs_sha256_on_redirect(server: Server, tm
     n = len(st.requests)
     assert dl.download("wavlm-large", tmp_path / "cache", progress=False) == path
     assert len(st.requests) == n  # cached: no network at all
+
+
+def test_hub_weights_fall_back_to_safetensors(server: Server, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = "/microsoft/wavlm-base-plus-sv/resolve/main"
+    server.state.files.update({f"{repo}/config.json": b"{}", f"{repo}/preprocessor_config.json": b"{}",
+                               f"{repo}/model.safetensors": _blob(12)})
+    monkeypatch.setenv(dl.HF_ENDPOINT_ENV, server.url)
+    path = dl.download("wavlm-base-plus-sv", tmp_path, progress=False)
+    assert (path / "model.safetensors").read_bytes() == _blob(12)
+    assert not (path / "pytorch_model.bin").exists()
+    paths = [p for p, _ in server.state.requests]
+    assert paths[-2:] == [f"{repo}/pytorch_model.bin", f"{repo}/model.safetensors"]  # 404, then the fallback
+    assert dl.cached_path("wavlm-base-plus-sv", tmp_path) == path
 
 
 def test_redirect_keeps_range_and_its_target_etag_is_no_sha256(server: Server, tmp_path: Path) -> None:
@@ -319,9 +333,9 @@ def test_hub_model_offline_lists_every_missing_file(tmp_path: Path, monkeypatch:
     with pytest.raises(dl.NetworkError) as e:
         dl.download("wavlm-base-plus", tmp_path, timeout=5, progress=False)
     model_dir = tmp_path / "wavlm-base-plus"
-    for name in ("config.json", "preprocessor_config.json", "model.safetensors"):
+    for name in ("config.json", "preprocessor_config.json", "pytorch_model.bin"):
         assert str(model_dir / name) in str(e.value)
-    assert "(or pytorch_model.bin)" in str(e.value)
+    assert "(or model.safetensors)" in str(e.value)
 
 
 def test_files_put_by_hand_are_registered_without_network(tmp_path: Path) -> None:
@@ -336,6 +350,17 @@ def test_files_put_by_hand_are_registered_without_network(tmp_path: Path) -> Non
     assert entry["verified_against"] == "none (placed by hand)"
     assert entry["sha256"] == _sha(b"a checkpoint copied from elsewhere")
     assert dl.verify("unilm-wavlm-base-plus", tmp_path) == path
+
+
+def test_a_cached_file_that_changed_size_is_fetched_again(server: Server, tmp_path: Path) -> None:
+    data = _blob(13)
+    server.state.files[PT] = data
+    path = dl.download("unilm-wavlm-base", tmp_path, base_url=server.url, progress=False)
+    path.write_bytes(data[:1000])  # damaged on disk: the manifest still has the full size and its sha256
+    assert dl.cached_path("unilm-wavlm-base", tmp_path) is None
+
+    assert dl.download("unilm-wavlm-base", tmp_path, base_url=server.url, progress=False) == path
+    assert path.read_bytes() == data and server.state.requests == [(PT, None), (PT, None)]
 
 
 def test_verify_deletes_a_corrupted_file(server: Server, tmp_path: Path) -> None:

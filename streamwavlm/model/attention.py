@@ -81,7 +81,11 @@ class SelfAttention(nn.Module):
         """
         q, k, v, gate = self.project(x)
         k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        out = gated_rel_attention(q, k_all, v_all, gate, ctx.table, ctx.q_pos, ctx.k_pos,
+        return self.attend(q, k_all, v_all, gate, ctx), k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, ctx: AttentionContext) -> Tensor:
+        """Attention of projected queries over keys/values ``(B, H, Tk, hd)``, then the output projection."""
+        out = gated_rel_attention(q, k, v, gate, ctx.table, ctx.q_pos, ctx.k_pos,
                                   k_len=ctx.k_len, chunk=ctx.chunk, left=ctx.left)
         b, h, t, hd = out.shape
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, h * hd)), k, v
+        return self.out_proj(out.transpose(1, 2).reshape(b, t, h * hd))

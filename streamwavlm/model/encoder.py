@@ -86,10 +86,13 @@ class EncoderLayer(nn.Module):
         self, x: Tensor, ctx: AttentionContext, past: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Layer output ``(B, T, D)`` and the new keys and values of this call (for K/V caches)."""
+        a, k, v = self.attn(self.attn_norm(x) if self.pre_norm else x, ctx, past)
+        return self.finish(x, a), k, v
+
+    def finish(self, x: Tensor, a: Tensor) -> Tensor:
+        """Everything after the attention: residual, norms and the feed-forward block."""
         if self.pre_norm:
-            a, k, v = self.attn(self.attn_norm(x), ctx, past)
             x = x + a
-            return x + self.ffn(self.ffn_norm(x)), k, v
-        a, k, v = self.attn(x, ctx, past)
+            return x + self.ffn(self.ffn_norm(x))
         x = self.attn_norm(x + a)
-        return self.ffn_norm(x + self.ffn(x)), k, v
+        return self.ffn_norm(x + self.ffn(x))

@@ -13,11 +13,15 @@ frozen statistics; a long utterance can be processed in blocks with statistics f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
+
+Stats = tuple[Tensor, Tensor]  # per-channel (mean, biased variance), each (B, C)
 
 
 class FrontEnd(nn.Module):
@@ -74,24 +78,25 @@ class FrontEnd(nn.Module):
         y = self.conv(0, wav).double()
         return y.sum(1), (y * y).sum(1), y.shape[1]
 
-    def forward(self, wav: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, wav: Tensor, stats: Stats | Callable[[Tensor], Stats] | None = None) -> Tensor:
         """``(B, N)`` samples to ``(B, T, C)`` features.
 
         ``stats``: GroupNorm ``(mean, var)`` of shape ``(B, C)`` to use instead of the input's own
-        statistics (group-norm variant only).
+        statistics (group-norm variant only), or a function that makes them from conv 0's output
+        ``(B, T0, C)`` (the streaming encoder updates its running statistics there).
         """
         x = wav
         for i in range(len(self.convs)):
             x = self.conv(i, x)
             if self.group_norm:
                 if i == 0:
-                    x = self._group_norm(x, stats)
+                    x = self._group_norm(x, stats(x) if callable(stats) else stats)
             else:
                 x = F.layer_norm(x, (x.shape[-1],), self.norms[i].weight, self.norms[i].bias, self.eps)
             x = F.gelu(x)
         return x
 
-    def _group_norm(self, x: Tensor, stats: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _group_norm(self, x: Tensor, stats: Stats | None) -> Tensor:
         """Per-channel normalisation over time with the given or the input's own (biased) statistics."""
         norm = self.norms[0]
         if stats is None:

@@ -163,9 +163,20 @@ class WavLM(nn.Module):
     ) -> WavLMOutput:
         """Run the encoder on projected features ``(B, T, D)``; ``chunk``/``left`` apply the streaming
         block mask (the masked-offline reference of the streaming encoder)."""
+        return self.transformer(self.encoder.input_norm(self.encoder.pos_conv(x)), k_len, frame_lengths,
+                                chunk, left)
+
+    def transformer(
+        self,
+        x: Tensor,
+        k_len: Tensor | None = None,
+        frame_lengths: Tensor | None = None,
+        chunk: int | None = None,
+        left: int | None = None,
+    ) -> WavLMOutput:
+        """The Transformer layers over the encoder input ``h_0 (B, T, D)`` (after the positional conv)."""
         enc = self.encoder
         b, t, _ = x.shape
-        x = enc.input_norm(enc.pos_conv(x))
         pos = torch.arange(t, device=x.device).expand(b, t)
         ctx = AttentionContext(enc.table, pos, pos, k_len=k_len, chunk=chunk, left=left)
         hidden = [x]

@@ -1,0 +1,242 @@
+"""The streaming encoder against the masked offline reference, the plain offline model, and itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from streaming_reference import masked_reference
+
+from streamwavlm.checkpoint import load_model
+from streamwavlm.streaming import NormPolicy, StreamPool, StreamSettings
+
+
+def stream_all(pool: StreamPool, wav: torch.Tensor, sizes, slot: int | None = None):
+    """Push ``wav`` in pieces of the given sizes (cycled), stepping as audio allows; then flush."""
+    slot = pool.open("s") if slot is None else slot
+    outs, pos, i = [], 0, 0
+    while pos < wav.numel():
+        n = sizes[i % len(sizes)]
+        pool.push(slot, wav[pos:pos + n])
+        pos += n
+        i += 1
+        outs += pool.run(slot)
+    outs += pool.close(slot)
+    return outs
+
+
+def frames_of(outs, row: int = 0) -> torch.Tensor:
+    first = 0
+    for o in outs:
+        assert o.first_frame == first, "chunks must be contiguous"
+        first += o.num_frames
+    return torch.cat([o.frames[row] for o in outs])
+
+
+@pytest.fixture(scope="module")
+def models(hf_models):
+    return {k: load_model(d) for k, (_, d) in hf_models.items()}
+
+
+@pytest.mark.parametrize("kind", ["base", "large"])
+@pytest.mark.parametrize("chunk,left,lookahead", [(4, 8, 0), (8, 20, 3), (5, 100, 12), (16, 4, 63)])
+def test_incremental_equals_masked_offline_reference(models, speech, kind, chunk, left, lookahead):
+    model = models[kind]
+    wav = speech[:23000]
+    layers = tuple(range(model.cfg.num_layers + 1))
+    s = StreamSettings(chunk=chunk, left=left, lookahead=lookahead, layers=layers, final_norm=False)
+    outs = stream_all(StreamPool(model, s), wav, [1234])
+    ref = masked_reference(model, wav, s)
+    assert outs[-1].final
+    for row, layer in enumerate(layers):
+        got = frames_of(outs, row)
+        assert got.shape == ref.hidden_states[layer][0].shape
+        err = (got - ref.hidden_states[layer][0]).abs().max().item()
+        assert err < 1e-4, f"layer {layer}: {err:.2e}"
+
+
+@pytest.mark.parametrize("policy", [NormPolicy.RUNNING, NormPolicy.FROZEN])
+def test_normalisation_policies_match_their_reference(models, hf_models, speech, tmp_path, policy):
+    from conftest import save_hf_model
+
+    large_norm = load_model(save_hf_model(hf_models["large"][0], tmp_path / "n", normalize=True))
+    for model in (models["base"], large_norm):
+        s = StreamSettings(chunk=6, left=30, lookahead=2, norm=policy, warmup=0.5, final_norm=False)
+        wav = speech[:20000] + 0.01
+        got = frames_of(stream_all(StreamPool(model, s), wav, [3000]))
+        ref = masked_reference(model, wav, s).hidden_states[-1][0]
+        assert (got - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("sizes", [[1], [7], [333], [16000], [5, 900, 1, 77, 4000]])
+def test_cnn_frames_equal_offline_for_any_push_size(models, speech, sizes):
+    model = models["large"]  # per-frame LayerNorm CNN: exact, no statistics involved
+    wav = speech[:9000] if sizes == [1] else speech
+    s = StreamSettings(chunk=3, left=10, layers=(0,), final_norm=False)
+    got = frames_of(stream_all(StreamPool(model, s), wav, sizes))
+    ref = masked_reference(model, wav, s).hidden_states[0][0]
+    assert (got - ref).abs().max() < 1e-5
+    with torch.no_grad():  # and the CNN itself against the offline CNN over the whole utterance
+        whole = model.cnn(wav[None])[0]
+    pool = StreamPool(model, s)
+    slot = pool.open("x")
+    cnn = []
+    orig = model.frontend.forward
+    model.frontend.forward = lambda w, st=None: cnn.append(orig(w, st)) or cnn[-1]
+    try:
+        stream_all(pool, wav, sizes, slot)
+    finally:
+        model.frontend.forward = orig
+    assert (torch.cat(cnn, 1)[0] - whole).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["base", "large"])
+def test_whole_stream_in_one_chunk_equals_offline(models, speech, kind):
+    model = models[kind]
+    wav = speech[: 320 * 60 + 80]
+    t = model.cfg.num_frames(wav.numel())
+    s = StreamSettings(chunk=t + 5, left=t + 5, lookahead=63, layers=tuple(range(model.cfg.num_layers + 1)),
+                       final_norm=False)
+    outs = stream_all(StreamPool(model, s), wav, [500])
+    with torch.no_grad():
+        ref = model(wav[None])
+    for row in range(model.cfg.num_layers + 1):
+        assert (frames_of(outs, row) - ref.hidden_states[row][0]).abs().max() < 1e-4
+
+
+def test_batched_streams_equal_solo_streams(models, speech):
+    model = models["base"]
+    s = StreamSettings(chunk=4, left=12, lookahead=2)
+    wavs = [speech[:15000], speech[3000:20000] * 0.5, speech[7000:30000]]
+    solo = [frames_of(stream_all(StreamPool(model, s), w, [640])) for w in wavs]
+    pool = StreamPool(model, s, capacity=4)
+    slots = [pool.open(f"s{i}") for i in range(3)]
+    got = {i: [] for i in slots}
+    offsets = [0, 0, 0]
+    start_at = [0, 3, 6]  # streams join at different times and so sit at different positions
+    for tick in range(60):
+        for j, slot in enumerate(slots):
+            if tick >= start_at[j] and offsets[j] < wavs[j].numel():
+                pool.push(slot, wavs[j][offsets[j]:offsets[j] + 640])
+                offsets[j] += 640
+        ready = pool.ready()
+        assert len(ready) <= 3
+        for o in pool.step():
+            got[pool.slot_of(o.stream_id)].append(o)
+    for j, slot in enumerate(slots):
+        got[slot] += pool.close(slot)
+        assert (frames_of(got[slot]) - solo[j]).abs().max() < 1e-5
+
+
+def test_save_restore_equals_uninterrupted(models, speech):
+    model = models["large"]
+    s = StreamSettings(chunk=4, left=10, lookahead=5)
+    wav = speech[:20000]
+    full = frames_of(stream_all(StreamPool(model, s), wav, [1000]))
+    pool = StreamPool(model, s)
+    slot = pool.open("s")
+    outs = []
+    pool.push(slot, wav[:9000])
+    outs += pool.run(slot)
+    state = pool.save(slot)
+    pool.push(slot, torch.randn(5000))  # diverge, then go back
+    pool.run(slot)
+    other = StreamPool(model, s, capacity=2)
+    other.open("someone-else")
+    moved = other.open("placeholder")
+    other.close(moved)
+    other.restore(moved, state)
+    other.push(moved, wav[9000:])
+    outs += other.run(moved) + other.close(moved)
+    assert (frames_of(outs) - full).abs().max() < 1e-6
+
+
+def test_reset_starts_over(models, speech):
+    model = models["base"]
+    s = StreamSettings(chunk=4, left=10)
+    pool = StreamPool(model, s)
+    slot = pool.open("s")
+    pool.push(slot, speech[:5000])
+    pool.run(slot)
+    pool.reset(slot)
+    first = frames_of(stream_all(pool, speech[:8000], [800], slot))
+    again = frames_of(stream_all(StreamPool(model, s), speech[:8000], [800]))
+    assert torch.equal(first, again)
+
+
+def test_cache_stays_bounded_on_long_streams(models):
+    model = models["large"]
+    s = StreamSettings(chunk=8, left=24)
+    pool = StreamPool(model, s)
+    slot = pool.open("long")
+    sizes = {k: v.shape for k, v in pool._t.items()}
+    rng = np.random.default_rng(0)
+    frames = 0
+    for _ in range(40):  # 40 x 2.56 s
+        pool.push(slot, rng.standard_normal(40960).astype(np.float32) * 0.1)
+        frames += sum(o.num_frames for o in pool.run(slot))
+    assert {k: v.shape for k, v in pool._t.items()} == sizes
+    assert pool._t["k0"].shape[2] == s.left + s.chunk
+    assert frames == 40 * 128 - 8 or frames == 40 * 128  # all frames with a full chunk
+
+
+def test_bad_audio_is_refused_and_stream_continues(models, speech):
+    from streamwavlm.audio.validate import AudioError
+
+    model = models["base"]
+    s = StreamSettings(chunk=4, left=8)
+    pool = StreamPool(model, s)
+    slot = pool.open("s")
+    pool.push(slot, speech[:3000])
+    bad = speech[3000:4000].clone()
+    bad[10] = float("nan")
+    with pytest.raises(AudioError, match="NaN"):
+        pool.push(slot, bad)
+    with pytest.raises(AudioError, match="mono"):
+        pool.push(slot, torch.zeros(100, 2))
+    pool.push(slot, speech[3000:9000])
+    got = frames_of(pool.run(slot) + pool.close(slot))
+    ref = frames_of(stream_all(StreamPool(model, s), speech[:9000], [9000]))
+    assert torch.equal(got, ref)
+
+
+def test_settings_are_validated(models):
+    with pytest.raises(ValueError, match="lookahead"):
+        StreamPool(models["base"], StreamSettings(lookahead=64))
+    with pytest.raises(ValueError, match="speaker head"):
+        from streamwavlm.streaming import XVectorSettings
+
+        StreamPool(models["base"], StreamSettings(xvector=XVectorSettings()))
+    assert StreamSettings(chunk=16, lookahead=0).latency_ms(models["base"].cfg) == 16 * 20 + 25
+
+
+@pytest.mark.parametrize("window,hop", [(20, 10), (30, 7)])
+def test_streaming_xvectors_equal_pooling_the_reference(tmp_path, speech, window, hop):
+    """Each x-vector equals the head applied to the masked-offline hidden states over the same window."""
+    from conftest import perturb_, save_hf_model, tiny_hf_config
+    from transformers import WavLMForXVector
+
+    from streamwavlm.streaming import XVectorSettings
+
+    cfg = tiny_hf_config("base", use_weighted_layer_sum=True, tdnn_dim=(24, 24, 24, 24, 48),
+                         xvector_output_dim=16)
+    model = load_model(save_hf_model(perturb_(WavLMForXVector(cfg), seed=9), tmp_path / "sv"))
+    s = StreamSettings(chunk=6, left=24, lookahead=4, xvector=XVectorSettings(window=window, hop=hop))
+    wav = speech[:26000]
+    outs = stream_all(StreamPool(model, s), wav, [2000])
+    got = [xv for o in outs for xv in o.xvectors]
+    ref = masked_reference(model, wav, s)
+    head = model.xvector
+    with torch.no_grad():
+        tdnn = head.tdnn_frames(head.frame_input(ref.hidden_states))[0]  # TDNN frame j ends at frame j+14
+    lag = model.cfg.xvector.receptive_field - 1
+    n = tdnn.shape[0]
+    ends = [*range(hop, n + 1, hop)]
+    if ends[-1] != n:
+        ends.append(n)
+    assert [e for e, _ in got] == [e + lag for e in ends]
+    for (_, emb), e in zip(got, ends, strict=True):
+        with torch.no_grad():
+            expected = head.pool(tdnn[max(0, e - window):e][None])[0]
+        assert torch.nn.functional.cosine_similarity(emb, expected, dim=0) > 0.9999
+        assert (emb - expected).abs().max() < 1e-4
