@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	@.venv/bin/streamwavlm run
+	@.venv/bin/streamwavlm run $(ARGS)
 
 test: setup
 	@.venv/bin/ruff check .

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "streamwavlm.commands.run",
     "streamwavlm.commands.info",
     "streamwavlm.commands.convert",
+    "streamwavlm.commands.fidelity",
     "streamwavlm.download",
 )
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, ConfigError, AudioError) as e:
+    except (CheckpointError, ConfigError, AudioError, ValueError) as e:
         print(f"streamwavlm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,6 +6,9 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+from ..config import WavLMConfig
+from ..streaming import NormPolicy, StreamSettings
+
 
 def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -18,3 +21,28 @@ def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
 def bundled_sample() -> Path:
     """The speech sample shipped with the package (two synthetic voices, 11 s, 16 kHz mono)."""
     return Path(str(resources.files("streamwavlm") / "data" / "sample.wav"))
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def add_stream_options(parser: argparse.ArgumentParser) -> None:
+    """The streaming settings every live command shares (see docs/streaming.md)."""
+    g = parser.add_argument_group("streaming")
+    g.add_argument("--chunk", type=int, default=16, help="frames per step, 20 ms each (default: %(default)s)")
+    g.add_argument("--left", type=int, default=250, help="attention left context in frames (default: %(default)s)")
+    g.add_argument("--lookahead", type=int, default=0,
+                   help="positional-conv lookahead in frames, 0..63 (default: %(default)s)")
+    g.add_argument("--norm", choices=[p.value for p in NormPolicy], default="running",
+                   help="statistics policy for GroupNorm / waveform normalisation (default: %(default)s)")
+    g.add_argument("--warmup", type=float, default=3.0, help="seconds before 'frozen' statistics freeze")
+    g.add_argument("--layers", type=_int_list, default=(),
+                   help="comma-separated hidden-state indices to emit (default: the last layer)")
+
+
+def settings_from_args(args: argparse.Namespace, cfg: WavLMConfig) -> StreamSettings:
+    settings = StreamSettings(chunk=args.chunk, left=args.left, lookahead=args.lookahead,
+                              norm=NormPolicy(args.norm), warmup=args.warmup, layers=tuple(args.layers))
+    settings.validate(cfg)
+    return settings

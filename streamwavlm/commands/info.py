@@ -31,7 +31,7 @@ def describe(path: str) -> dict:
         "layer_outputs": (
             f"hidden_states[0..{cfg.num_layers}]: h_0 = encoder input after the positional conv"
             + ("" if cfg.layer_norm_first else " and the encoder LayerNorm")
-            + f"; h_i = output of layer i. "
+            + "; h_i = output of layer i. "
             + ("h_L has NO final LayerNorm (transformers 5.x, unilm); last_hidden_state = LN(h_L) "
                "(transformers 4.x and s3prl put LN(h_L) in the last slot)."
                if cfg.layer_norm_first else "h_L = last_hidden_state in every convention.")

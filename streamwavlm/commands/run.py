@@ -1,4 +1,9 @@
-"""``streamwavlm run``: audio through the model, a summary of the layer embeddings, and a saved copy."""
+"""``streamwavlm run``: audio through the streaming encoder chunk by chunk, with per-chunk latency.
+
+The audio (default: the bundled speech sample) is pushed in blocks of one chunk, as a live source would
+deliver it; every step's compute time is measured. The emitted frames are compared with the offline model
+over the same audio, and saved.
+"""
 
 from __future__ import annotations
 
@@ -13,44 +18,72 @@ from rich.table import Table
 
 from ..audio.validate import SAMPLE_RATE, read_wav
 from ..checkpoint import model_from_setting
-from .common import add_checkpoint_option, bundled_sample
+from ..streaming import StreamPool
+from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="embed an audio file (default: the bundled sample) and summarise the layers")
+    p = sub.add_parser("run", help="stream an audio file (default: the bundled sample) through the encoder")
     add_checkpoint_option(p)
+    add_stream_options(p)
     p.add_argument("--audio", metavar="FILE", help="16 kHz audio file (default: the bundled speech sample)")
     p.add_argument("--out", metavar="FILE", default="out/embeddings.npz",
-                   help="where to save the hidden states (npz; default: %(default)s)")
+                   help="where to save the streamed frames (npz; default: %(default)s)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=False)
+    console = Console()
     model, description = model_from_setting(args.checkpoint)
-    console.print(f"[bold]model[/]: {description}")
+    cfg = model.cfg
+    settings = settings_from_args(args, cfg)
     audio = args.audio or str(bundled_sample())
     wav = read_wav(audio)
-    console.print(f"[bold]audio[/]: {audio} ({wav.numel() / SAMPLE_RATE:.2f} s)")
-    torch.set_grad_enabled(False)
-    start = time.perf_counter()
-    out = model(wav[None])
-    elapsed = time.perf_counter() - start
     seconds = wav.numel() / SAMPLE_RATE
-    table = Table(title=f"layer embeddings: {out.last_hidden_state.shape[1]} frames x "
-                        f"{out.last_hidden_state.shape[2]} dims")
-    for col in ("layer", "mean |h|", "std", "cos(t, t+1)"):
+    console.print(f"[bold]model[/]: {description}")
+    console.print(f"[bold]audio[/]: {audio} ({seconds:.2f} s)")
+    console.print(f"[bold]streaming[/]: chunk {settings.chunk} frames, left context {settings.left}, lookahead "
+                  f"{settings.lookahead}, {settings.norm.value} statistics; algorithmic latency "
+                  f"{settings.latency_ms(cfg):.0f} ms")
+    torch.set_grad_enabled(False)
+    pool = StreamPool(model, settings)
+    slot = pool.open("sample")
+    block = cfg.hop * settings.chunk
+    step_ms, outputs = [], []
+    for pos in range(0, wav.numel(), block):
+        pool.push(slot, wav[pos:pos + block])
+        for ready in iter(pool.ready, []):
+            start = time.perf_counter()
+            outputs += pool.step(ready)
+            step_ms.append(1000 * (time.perf_counter() - start))
+    start = time.perf_counter()
+    outputs += pool.close(slot)
+    flush_ms = 1000 * (time.perf_counter() - start)
+    frames = torch.cat([o.frames for o in outputs], 1)  # (layers, T, D)
+    offline = model(wav[None])
+    table = Table(title=f"streamed embeddings: {frames.shape[1]} frames x {frames.shape[2]} dims")
+    for col in ("layer", "mean |h|", "cosine vs offline", "rel. error vs offline"):
         table.add_column(col, justify="right")
-    for i, h in enumerate(out.hidden_states):
-        h = h[0]
-        cos = torch.nn.functional.cosine_similarity(h[:-1], h[1:], dim=-1).mean().item() if len(h) > 1 else 1.0
-        table.add_row(str(i), f"{h.norm(dim=-1).mean():.3f}", f"{h.std():.3f}", f"{cos:.3f}")
+    for row, layer in enumerate(outputs[0].layers):
+        ref = (offline.last_hidden_state if layer == cfg.num_layers and settings.final_norm
+               else offline.hidden_states[layer])[0]
+        got = frames[row]
+        cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        table.add_row(str(layer), f"{got.norm(dim=-1).mean():.3f}", f"{cos:.4f}", f"{rel:.4f}")
     console.print(table)
-    console.print(f"offline forward: {elapsed * 1000:.0f} ms for {seconds:.2f} s of audio "
-                  f"(real-time factor {elapsed / seconds:.3f})")
+    ms = np.array(step_ms)
+    chunk_s = settings.chunk * cfg.hop / SAMPLE_RATE
+    console.print(
+        f"per-chunk compute latency over {len(ms)} chunks: p50 {np.percentile(ms, 50):.1f} ms, "
+        f"p95 {np.percentile(ms, 95):.1f} ms, p99 {np.percentile(ms, 99):.1f} ms, max {ms.max():.1f} ms "
+        f"(chunk = {chunk_s * 1000:.0f} ms of audio); flush {flush_ms:.1f} ms; "
+        f"real-time factor {(ms.sum() + flush_ms) / 1000 / seconds:.3f}"
+    )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, hidden_states=torch.stack(out.hidden_states)[:, 0].numpy().astype(np.float16),
-                        last_hidden_state=out.last_hidden_state[0].numpy())
-    console.print(f"saved hidden states to {path}")
+    np.savez_compressed(path, frames=frames.numpy(), layers=np.array(outputs[0].layers),
+                        frame_rate=SAMPLE_RATE / cfg.hop, step_ms=ms)
+    console.print(f"saved streamed frames to {path}")
     return 0
+
