@@ -106,7 +106,7 @@ def gated_rel_attention_torch(
     and keys sit at the same consecutive positions (the offline case) the bias of a block is a strided
     view of one ``(H, 2T-1)`` row, read in reversed query order, instead of a gather.
     """
-    batch, heads, tq, dim = q.shape
+    _, heads, tq, dim = q.shape
     tk = k.shape[2]
     max_d = (table.shape[1] - 1) // 2
     scale = dim**-0.5

@@ -195,10 +195,7 @@ class WavLMConfig:
         dims, kernels, strides = c["conv_dim"], c["conv_kernel"], c["conv_stride"]
         if not (len(dims) == len(kernels) == len(strides)):
             raise ConfigError("unsupported config: conv_dim, conv_kernel and conv_stride differ in length")
-        if preprocessor is not None:
-            normalize = bool(preprocessor.get("do_normalize", False))
-        else:
-            normalize = norm == "layer"
+        normalize = bool(preprocessor.get("do_normalize", False)) if preprocessor is not None else norm == "layer"
         archs = c.get("architectures") or []
         xvector = None
         if any("XVector" in a for a in archs):

@@ -91,7 +91,7 @@ def test_truncated_original_is_refused(original_pt, tmp_path):
     data = original_pt.read_bytes()
     bad = tmp_path / "truncated.pt"
     bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="(?s)truncated or corrupt.*Download it again"):
+    with pytest.raises(CheckpointError, match=r"(?s)truncated or corrupt.*Download it again"):
         load_model(bad)
 
 
@@ -112,7 +112,7 @@ def test_pickle_with_arbitrary_object_is_refused_and_not_run(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "evil.pt"
     torch.save({"cfg": {}, "model": {}, "x": _Exploit()}, bad)
-    with pytest.raises(CheckpointError, match="refused to load.*posix.system.*arbitrary code"):
+    with pytest.raises(CheckpointError, match=r"refused to load.*posix.system.*arbitrary code"):
         load_model(bad)
     raw_pickle = tmp_path / "evil.pkl"
     with open(raw_pickle, "wb") as f:
@@ -131,7 +131,7 @@ def test_missing_and_unexpected_keys_are_refused(original_pt, tmp_path):
     ckpt = torch.load(original_pt, weights_only=True)
     ckpt["model"]["encoder.extra.weight"] = torch.zeros(3)
     torch.save(ckpt, tmp_path / "extra.pt")
-    with pytest.raises(CheckpointError, match="unexpected keys.*encoder.extra.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected keys.*encoder.extra.weight"):
         load_model(tmp_path / "extra.pt")
 
 
@@ -139,7 +139,7 @@ def test_wrong_shapes_are_refused(original_pt, tmp_path):
     ckpt = torch.load(original_pt, weights_only=True)
     ckpt["cfg"]["encoder_ffn_embed_dim"] = 128  # the weights say 96
     torch.save(ckpt, tmp_path / "shape.pt")
-    with pytest.raises(CheckpointError, match="wrong shapes.*fc1.weight"):
+    with pytest.raises(CheckpointError, match=r"wrong shapes.*fc1.weight"):
         load_model(tmp_path / "shape.pt")
 
 

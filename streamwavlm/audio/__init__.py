@@ -1,1 +1,1 @@
-"""Audio input: checks, file reading, and (later) live sources."""
+"""Audio input: validation, files, the microphone, network streams, and resampling to 16 kHz mono."""

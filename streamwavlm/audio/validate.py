@@ -59,3 +59,47 @@ def read_wav(path: str, *, mixdown: bool = True) -> Tensor:
     if data.shape[1] > 1 and mixdown:
         data = data.mean(axis=1, keepdims=True)
     return to_float_mono(data, rate, source=path)
+
+
+PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
+
+
+def mixdown(frames: np.ndarray) -> np.ndarray:
+    """Float32 mono ``(N,)`` from interleaved frames ``(N, C)`` (or ``(N,)``), by averaging the channels.
+
+    The channels are added one after another in a fixed order, so a signal mixed in blocks is bit-identical
+    to the same signal mixed at once (numpy's ``mean`` may reorder the sum depending on the array shape).
+    """
+    if frames.ndim == 1:
+        return frames.astype(np.float32, copy=False)
+    out = frames[:, 0].astype(np.float32, copy=True)
+    for c in range(1, frames.shape[1]):
+        out += frames[:, c]
+    if frames.shape[1] > 1:
+        out *= np.float32(1.0 / frames.shape[1])
+    return out
+
+
+def decode_pcm(data: bytes, fmt: str, channels: int, *, source: str = "audio") -> np.ndarray:
+    """Float32 frames ``(N, channels)`` from raw interleaved little-endian PCM bytes.
+
+    ``s16le`` is scaled by 1/32768 (as PortAudio and libsndfile do, so the three paths agree bit for bit);
+    ``f32le`` must be finite. A byte count that is not a whole number of frames is refused rather than
+    truncated: a lost byte would shift every later sample into the wrong channel or the wrong byte order.
+    """
+    dtype = PCM_FORMATS.get(fmt)
+    if dtype is None:
+        raise AudioError(f"{source}: sample format {fmt!r} is not supported; "
+                         f"use one of {sorted(PCM_FORMATS)}")
+    frame_bytes = dtype.itemsize * channels
+    if len(data) % frame_bytes:
+        raise AudioError(f"{source}: {len(data)} bytes is not a whole number of {frame_bytes}-byte frames "
+                         f"({channels} channel(s) of {fmt}); send complete frames only")
+    raw = np.frombuffer(data, dtype=dtype).reshape(-1, channels)
+    if fmt == "s16le":
+        return raw.astype(np.float32) * np.float32(1.0 / 32768.0)
+    if not np.isfinite(raw).all():
+        bad = int((~np.isfinite(raw)).sum())
+        raise AudioError(f"{source}: {bad} NaN/Inf samples in f32le data; the sender's capture or conversion "
+                         "is broken. Send finite samples in [-1, 1].")
+    return raw.astype(np.float32)

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
 from ..kernels import gated_rel_attention
+from .linear import Linear, Packed, linear, pack
 
 
 @dataclass
@@ -40,11 +40,12 @@ class SelfAttention(nn.Module):
         self.q_proj = nn.Linear(d, d)
         self.k_proj = nn.Linear(d, d)
         self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
+        self.out_proj = Linear(d, d)
         self.gate = nn.Linear(cfg.head_dim, 8)  # unilm grep_linear / HF gru_rel_pos_linear
         self.gate_const = nn.Parameter(torch.ones(h))  # unilm grep_a / HF gru_rel_pos_const, per head
         self.register_buffer("qkvg_weight", torch.empty(3 * d + 2 * h, d), persistent=False)
         self.register_buffer("qkvg_bias", torch.empty(3 * d + 2 * h), persistent=False)
+        self.qkvg_packed: Packed | None = None
         self.fuse()
 
     @torch.no_grad()
@@ -60,12 +61,13 @@ class SelfAttention(nn.Module):
         gate_b = torch.stack([ba, bb]).repeat(h)
         self.qkvg_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight, gate_w])
         self.qkvg_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias, gate_b])
+        self.qkvg_packed = pack(self.qkvg_weight, self.qkvg_bias)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """q, k, v ``(B, H, T, hd)`` and the gate ``(B, H, T)`` of the attention input ``x (B, T, D)``."""
         b, t, d = x.shape
         h, hd = self.num_heads, self.head_dim
-        y = F.linear(x, self.qkvg_weight, self.qkvg_bias)
+        y = linear(x, self.qkvg_weight, self.qkvg_bias, self.qkvg_packed)
         q, k, v = (y[..., i * d:(i + 1) * d].view(b, t, h, hd).transpose(1, 2) for i in range(3))
         logits = y[..., 3 * d:].view(b, t, h, 2)
         a, g = torch.sigmoid(logits.float()).unbind(-1)

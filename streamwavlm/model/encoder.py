@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ..config import WavLMConfig
 from .attention import AttentionContext, SelfAttention
+from .linear import Linear
 
 
 class FeatureProjection(nn.Module):
@@ -15,7 +16,7 @@ class FeatureProjection(nn.Module):
     def __init__(self, cfg: WavLMConfig) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(cfg.conv_dim, eps=cfg.layer_norm_eps)
-        self.linear = nn.Linear(cfg.conv_dim, cfg.embed_dim)
+        self.linear = Linear(cfg.conv_dim, cfg.embed_dim)
 
     def forward(self, features: Tensor) -> Tensor:
         """``(B, T, C)`` CNN output to ``(B, T, D)``."""
@@ -64,8 +65,8 @@ class PositionalConv(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: WavLMConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
-        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
+        self.fc1 = Linear(cfg.embed_dim, cfg.ffn_dim)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(F.gelu(self.fc1(x)))

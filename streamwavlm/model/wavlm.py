@@ -19,6 +19,7 @@ from ..config import WavLMConfig
 from .attention import AttentionContext
 from .encoder import EncoderLayer, FeatureProjection, PositionalConv
 from .frontend import FrontEnd
+from .linear import Linear
 from .position import bias_table
 from .xvector import XVectorHead
 
@@ -80,6 +81,7 @@ class WavLM(nn.Module):
         self.encoder = Encoder(cfg)
         self.xvector = XVectorHead(cfg, cfg.xvector) if cfg.xvector is not None else None
         self.register_load_state_dict_post_hook(lambda module, _keys: module.derive())
+        self.derive()
         self.eval()
 
     def derive(self) -> None:
@@ -88,6 +90,9 @@ class WavLM(nn.Module):
         self.encoder.build_table()
         for layer in self.encoder.layers:
             layer.attn.fuse()
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.derive()
 
     def normalize_waveform(self, wav: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The checkpoint's waveform normalisation (zero mean, unit variance over each utterance's valid

@@ -1,0 +1,69 @@
+"""Helpers shared by the benchmark scripts: timing, peak memory, random-weight models of released sizes."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak resident memory ``fn`` adds above the current RSS (Linux: resets VmHWM via clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kb("VmRSS")
+    fn()
+    return (_status_kb("VmHWM") - base) / 1024
+
+
+def hf_model(size: str, seed: int = 0):
+    """A random-weight transformers ``WavLMModel`` with the released Base or Large architecture."""
+    from transformers import WavLMConfig, WavLMModel
+
+    large = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                 feat_extract_norm="layer", do_stable_layer_norm=True)
+    torch.manual_seed(seed)
+    return WavLMModel(WavLMConfig(**(large if size == "large" else {}))).eval()
+
+
+def ours_from_hf(model, directory: Path):
+    """Our model with the same weights, through a real HF directory and our loader."""
+    from streamwavlm.checkpoint import load_model
+
+    model.save_pretrained(directory)
+    return load_model(directory)
+
+
+def speech(seconds: float) -> torch.Tensor:
+    """``seconds`` of the bundled speech sample, repeated as needed."""
+    from streamwavlm.audio.validate import read_wav
+    from streamwavlm.commands.common import bundled_sample
+
+    wav = read_wav(str(bundled_sample()))
+    n = int(seconds * 16000)
+    return wav.repeat(n // wav.numel() + 1)[:n].clone()

@@ -1,0 +1,263 @@
+"""Audio input over MQTT: one topic per stream, in the spirit of Hermes' per-site ``audioFrame``.
+
+Topic ``<prefix>/audio/<stream_id>``; each message's payload is one of
+
+* **raw**: little-endian signed 16-bit mono samples at 16 kHz (``s16le``), any whole number of samples:
+  the cheap form for senders that already capture at the model's rate;
+* **a WAV chunk**: a complete small RIFF/WAVE file (payload starts with ``RIFF`` and has ``WAVE`` at byte
+  8), any PCM or float encoding, any supported rate and 1-8 channels (mixed down and resampled): the
+  self-describing form, as Hermes/Rhasspy satellites send it;
+* **empty**: the end of the stream.
+
+One stream keeps the form and rate of its first message. A bad payload (odd byte count, unreadable WAV,
+NaN/Inf, unsupported or changed rate) ends that stream with an error, logged and published as JSON on
+``<prefix>/audio/<stream_id>/error``; the next payload on the topic starts a new stream. All streams
+share one MQTT connection, so a slow consumer must not block the others: each stream's queue drops its
+oldest chunks when full (counted in ``stats.dropped``). MQTT has no sequence numbers at this layer: use
+QoS 1 (the default here) for in-order, lossless delivery per topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import soundfile as sf
+
+from streamwavlm.audio.resample import Resampler
+from streamwavlm.audio.source import STREAM_ID, SUPPORTED_RATES, AudioChunk, QueuedSource
+from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, decode_pcm, mixdown
+
+log = logging.getLogger(__name__)
+
+MAX_CHANNELS = 8
+
+
+def audio_topic(prefix: str, stream_id: str) -> str:
+    """The topic a stream's audio is published on."""
+    return f"{prefix}/audio/{stream_id}"
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A decoded audio message: frames ``(N, channels)`` float32 at ``rate``; ``wav`` tells the form."""
+
+    frames: np.ndarray
+    rate: int
+    wav: bool
+
+
+def decode_payload(payload: bytes, *, source: str = "MQTT audio") -> Payload:
+    """Decode one non-empty audio message (raw s16le 16 kHz mono, or a WAV chunk)."""
+    if payload[:4] != b"RIFF" or payload[8:12] != b"WAVE":
+        return Payload(decode_pcm(payload, "s16le", 1, source=f"{source} (raw s16le 16 kHz mono)"),
+                       SAMPLE_RATE, False)
+    try:
+        frames, rate = sf.read(io.BytesIO(payload), dtype="float32", always_2d=True)
+    except (RuntimeError, sf.LibsndfileError) as e:
+        raise AudioError(f"{source}: unreadable WAV chunk ({e}); send a complete RIFF/WAVE file per "
+                         "message") from e
+    if rate not in SUPPORTED_RATES:
+        raise AudioError(f"{source}: WAV chunk at {rate} Hz; use one of "
+                         f"{', '.join(map(str, SUPPORTED_RATES))} Hz")
+    if frames.shape[1] > MAX_CHANNELS:
+        raise AudioError(f"{source}: WAV chunk with {frames.shape[1]} channels; send 1 to {MAX_CHANNELS}")
+    if not np.isfinite(frames).all():
+        raise AudioError(f"{source}: NaN/Inf samples in a WAV chunk; the sender's capture is broken")
+    return Payload(frames, rate, True)
+
+
+class MqttAudioStream(QueuedSource):
+    """One stream received over MQTT (an :class:`~streamwavlm.audio.source.AudioSource`)."""
+
+    def __init__(self, stream_id: str, rate: int, wav: bool, *, queue_size: int,
+                 owner: MqttAudioInput) -> None:
+        super().__init__(stream_id, rate, queue_size=queue_size, policy="drop_oldest",
+                         on_close=lambda: owner._consumer_closed(self))
+        self.wav = wav
+        self.resampler = Resampler(rate)
+
+
+class MqttAudioInput:
+    """Subscribes to ``<prefix>/audio/+`` and offers each new stream: ``async for s in mqtt.streams()``.
+
+    A stream closed by its consumer is ignored until its sender publishes the end (an empty payload).
+    """
+
+    def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *, prefix: str = "streamwavlm",
+                 qos: int = 1, queue_size: int = 64, max_pending: int = 16,
+                 identifier: str | None = None) -> None:
+        self.hostname, self.port, self.prefix, self.qos = hostname, port, prefix, qos
+        self.queue_size = queue_size
+        self._client = aiomqtt.Client(hostname, port, identifier=identifier)
+        self._streams: dict[str, MqttAudioStream] = {}
+        self._ignored: set[str] = set()
+        self._pending: asyncio.Queue[MqttAudioStream | None] = asyncio.Queue(max_pending)
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def start(self) -> None:
+        """Connect and subscribe."""
+        try:
+            await self._client.__aenter__()
+        except aiomqtt.MqttError as e:
+            raise ConnectionError(f"cannot reach the MQTT broker at {self.hostname}:{self.port} ({e}); "
+                                  "is it running and listening there?") from e
+        await self._client.subscribe(audio_topic(self.prefix, "+"), qos=self.qos)
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        """Stop receiving; every open stream ends (its queued chunks are still delivered)."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for stream_id in list(self._streams):
+            self._end(stream_id)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.__aexit__(None, None, None)
+        with contextlib.suppress(asyncio.QueueFull):
+            self._pending.put_nowait(None)
+
+    async def __aenter__(self) -> MqttAudioInput:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def streams(self) -> AsyncIterator[MqttAudioStream]:
+        """New streams in the order of their first message, until :meth:`close`."""
+        while not (self._closed and self._pending.empty()):
+            stream = await self._pending.get()
+            if stream is None:
+                return
+            yield stream
+
+    async def _run(self) -> None:
+        try:
+            async for message in self._client.messages:
+                stream_id = message.topic.value.rsplit("/", 1)[-1]
+                payload = message.payload if isinstance(message.payload, bytes) else b""
+                try:
+                    await self._on_message(stream_id, payload)
+                except Exception as e:  # a bug of ours must not stop the other streams
+                    log.exception("MQTT audio stream %r: internal error", stream_id)
+                    await self._fail(stream_id, "internal_error", f"internal error: {e!r}")
+        except aiomqtt.MqttError as e:
+            log.error("MQTT audio input lost the broker: %s", e)
+            for stream_id in list(self._streams):
+                self._streams[stream_id].stats.error(f"broker connection lost ({e})")
+                self._end(stream_id)
+
+    async def _on_message(self, stream_id: str, payload: bytes) -> None:
+        if not STREAM_ID.fullmatch(stream_id):
+            log.warning("ignored MQTT audio on invalid stream id %r", stream_id)
+            return
+        if not payload:
+            self._ignored.discard(stream_id)
+            self._end(stream_id)
+            return
+        if stream_id in self._ignored:
+            return
+        stream = self._streams.get(stream_id)
+        try:
+            decoded = decode_payload(payload, source=f"MQTT audio stream {stream_id!r}")
+        except AudioError as e:
+            await self._fail(stream_id, "invalid_payload", str(e))
+            return
+        if stream is not None and (decoded.rate, decoded.wav) != (stream.stats.input_rate, stream.wav):
+            form = f"{'WAV' if decoded.wav else 'raw'} at {decoded.rate} Hz"
+            was = f"{'WAV' if stream.wav else 'raw'} at {stream.stats.input_rate} Hz"
+            await self._fail(stream_id, "format_changed", f"MQTT audio stream {stream_id!r}: a payload "
+                             f"{form} in a stream that started {was}; end the stream (empty payload) first")
+            return
+        if stream is None:
+            stream = MqttAudioStream(stream_id, decoded.rate, decoded.wav, queue_size=self.queue_size,
+                                     owner=self)
+            try:
+                self._pending.put_nowait(stream)
+            except asyncio.QueueFull:
+                await self._fail(stream_id, "server_busy", "too many new streams are waiting to be processed")
+                return
+            self._streams[stream_id] = stream
+        stream.stats.samples_in += len(decoded.frames)
+        start = stream.resampler.output_index
+        samples = stream.resampler.process(mixdown(decoded.frames))
+        if len(samples):  # never waits: the queue drops its oldest chunk when full
+            stream.queue.put_nowait(AudioChunk(stream_id, samples, start, time.monotonic()))
+
+    async def _fail(self, stream_id: str, code: str, message: str) -> None:
+        """End the stream with an error, log it and tell the sender on ``.../<stream_id>/error``."""
+        log.warning("%s", message)
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream.stats.error(message)
+            self._end(stream_id)
+        with contextlib.suppress(aiomqtt.MqttError):
+            await self._client.publish(f"{audio_topic(self.prefix, stream_id)}/error",
+                                       json.dumps({"type": "error", "code": code, "message": message}))
+
+    def _end(self, stream_id: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        start = stream.resampler.output_index
+        tail = stream.resampler.flush()
+        if len(tail):
+            stream.queue.put_nowait(AudioChunk(stream_id, tail, start, time.monotonic()))
+        stream.queue.finish()
+
+    def _consumer_closed(self, stream: MqttAudioStream) -> None:
+        if self._streams.get(stream.stream_id) is stream:
+            del self._streams[stream.stream_id]
+            self._ignored.add(stream.stream_id)
+
+
+async def publish_audio(client: aiomqtt.Client, prefix: str, stream_id: str, frames: np.ndarray,
+                        sample_rate: int, *, wav: bool = False, frame_samples: int | None = None,
+                        qos: int = 1, realtime: bool = False) -> None:
+    """Publish int16 ``frames`` (``(N,)`` or ``(N, channels)``) as one stream, then its end.
+
+    Raw form (``wav=False``) needs 16 kHz mono; WAV chunks carry any supported rate and channel count.
+    ``frame_samples`` defaults to 20 ms; ``realtime`` paces the messages at the audio's own speed.
+    """
+    frames = frames.reshape(len(frames), -1).astype(np.int16, copy=False)
+    if not wav and (sample_rate != SAMPLE_RATE or frames.shape[1] != 1):
+        raise AudioError(f"raw MQTT audio is 16 kHz mono s16le, not {sample_rate} Hz with {frames.shape[1]} "
+                         "channel(s); publish WAV chunks (wav=True) or resample first")
+    topic = audio_topic(prefix, stream_id)
+    step = frame_samples or max(1, sample_rate // 50)
+    t0 = time.monotonic()
+    for i in range(0, len(frames), step):
+        block = frames[i:i + step]
+        if wav:
+            buf = io.BytesIO()
+            sf.write(buf, block, sample_rate, format="WAV", subtype="PCM_16")
+            payload = buf.getvalue()
+        else:
+            payload = block.astype("<i2").tobytes()
+        await client.publish(topic, payload, qos=qos)
+        if realtime:
+            await asyncio.sleep(max(0.0, t0 + (i + step) / sample_rate - time.monotonic()))
+    await client.publish(topic, b"", qos=qos)
+
+
+async def publish_file(client: aiomqtt.Client, prefix: str, stream_id: str, path: str | Path, *,
+                       wav: bool = True, **kwargs: Any) -> None:
+    """Publish a sound file as one stream (see :func:`publish_audio`; raw form needs a 16 kHz mono file)."""
+    data, rate = sf.read(str(path), dtype="int16", always_2d=True)
+    await publish_audio(client, prefix, stream_id, data, rate, wav=wav, **kwargs)
