@@ -212,6 +212,16 @@ class StreamPool:
             return c.hop * s.chunk
         return self.tail_len + c.hop * (s.chunk + s.lookahead)
 
+    def needed(self, slot: int) -> int:
+        """Samples the stream in ``slot`` still needs queued before its next step can run."""
+        st = self._slot(slot)
+        return max(0, self._need(st) - st.pending_len)
+
+    def discard(self, slot: int) -> None:
+        """Free ``slot`` without flushing (a failed or shed stream)."""
+        self._slot(slot)
+        self._slots[slot] = None
+
     def ready(self) -> list[int]:
         """Slots with enough queued audio for a step."""
         return [i for i, st in enumerate(self._slots) if st is not None and st.pending_len >= self._need(st)]

@@ -1,0 +1,278 @@
+"""The asyncio pipeline: audio sources -> bounded backlogs -> batched encoder steps -> sinks.
+
+Each source is read by its own task, which only appends chunks to that stream's backlog (bounded; gaps in
+the source's sample index are filled with silence so frame indices stay on the stream's timeline). One
+scheduler task hands every stream that has a step's worth of audio to the :class:`StreamPool` and runs the
+batched step in a worker thread, so the event loop keeps serving sockets and sinks while the model computes.
+
+When compute falls behind, a stream's backlog grows; past ``max_backlog`` seconds the declared policy
+applies: ``drop_oldest`` discards the oldest queued audio (counted in samples, and reflected in the outputs'
+``stream_start`` so timestamps stay true), ``shed`` closes the stream with an error status. Latency stays
+bounded either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from .audio.source import AudioChunk, AudioSource
+from .audio.validate import SAMPLE_RATE
+from .streaming import ChunkOutput, StreamPool
+
+log = logging.getLogger(__name__)
+
+OverloadPolicy = Literal["drop_oldest", "shed"]
+
+
+@dataclass
+class EngineOutput:
+    """A chunk of encoder output with the timing a consumer needs."""
+
+    chunk: ChunkOutput
+    stream_start: int  # stream sample index of the chunk's first frame (dropped audio accounted for)
+    latency: float  # seconds from the arrival of the chunk's last input sample to the output
+    wall_time: float  # time.time() when the output was ready
+
+    @property
+    def stream_id(self) -> str:
+        return self.chunk.stream_id
+
+
+Sink = Callable[[EngineOutput], Awaitable[None]]
+
+
+@dataclass
+class StreamStatus:
+    """What the engine knows about one stream; published as its status."""
+
+    stream_id: str
+    state: str = "open"  # open | closed | failed | shed
+    samples_in: int = 0  # 16 kHz samples received from the source
+    samples_processed: int = 0  # samples handed to the encoder
+    dropped: int = 0  # samples dropped by the engine's overload policy
+    gap_filled: int = 0  # samples of silence inserted where the source lost audio
+    frames_out: int = 0
+    error: str | None = None
+    latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000), repr=False)
+    compute: float = 0.0  # seconds of step time attributed to this stream
+
+    @property
+    def backlog(self) -> int:
+        """Samples waiting: received (plus gap fill) minus processed and dropped."""
+        return self.samples_in + self.gap_filled - self.samples_processed - self.dropped
+
+    def summary(self) -> dict[str, object]:
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        audio = self.samples_processed / SAMPLE_RATE
+        return {
+            "stream": self.stream_id, "state": self.state, "samples_in": self.samples_in,
+            "processed": self.samples_processed, "dropped": self.dropped, "gap_filled": self.gap_filled,
+            "backlog_s": round(self.backlog / SAMPLE_RATE, 3), "frames_out": self.frames_out,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 1),
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 1),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 1),
+            "rtf": round(self.compute / audio, 4) if audio else None, "error": self.error,
+        }
+
+
+@dataclass
+class _Stream:
+    status: StreamStatus
+    source: AudioSource
+    slot: int
+    backlog: deque[AudioChunk] = field(default_factory=deque)
+    next_start: int = 0  # expected start of the next source chunk
+    last_arrival: float = 0.0  # arrival time of the newest sample handed to the encoder
+    drops: deque[tuple[int, int]] = field(default_factory=deque)  # (processed position, cumulative dropped)
+    ended: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class Engine:
+    """Runs many audio sources through one :class:`StreamPool`; call :meth:`add` then :meth:`drain`."""
+
+    def __init__(self, pool: StreamPool, sinks: list[Sink] | None = None, *, max_backlog: float = 2.0,
+                 policy: OverloadPolicy = "drop_oldest") -> None:
+        if policy not in ("drop_oldest", "shed"):
+            raise ValueError(f"unknown overload policy {policy!r}; use drop_oldest or shed")
+        self.pool = pool
+        self.sinks = list(sinks or [])
+        self.max_backlog = int(max_backlog * SAMPLE_RATE)
+        self.policy = policy
+        self.streams: dict[str, _Stream] = {}
+        self.finished: dict[str, StreamStatus] = {}
+        self.step_times: deque[float] = deque(maxlen=1000)
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def __aenter__(self) -> Engine:
+        self._scheduler = asyncio.create_task(self._schedule(), name="streamwavlm-scheduler")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for stream in list(self.streams.values()):
+            await stream.source.close()
+        await self.drain()
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+
+    def add(self, source: AudioSource, stream_id: str) -> StreamStatus:
+        """Start reading ``source`` as stream ``stream_id`` (a pool slot is taken now)."""
+        if stream_id in self.streams:
+            raise ValueError(f"stream {stream_id!r} is already running")
+        slot = self.pool.open(stream_id)
+        stream = _Stream(StreamStatus(stream_id), source, slot)
+        self.streams[stream_id] = stream
+        stream.task = asyncio.create_task(self._read(stream), name=f"source-{stream_id}")
+        return stream.status
+
+    async def drain(self) -> None:
+        """Wait until every source has ended and its audio has been processed and flushed."""
+        while self.streams:
+            tasks = [s.task for s in self.streams.values() if s.task is not None]
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            self._wake.set()
+            await asyncio.sleep(0.01)
+            if self._scheduler is not None and self._scheduler.done():
+                self._scheduler.result()  # re-raise a scheduler failure instead of waiting forever
+
+    def status(self) -> list[dict[str, object]]:
+        return [s.status.summary() for s in self.streams.values()] + [s.summary() for s in self.finished.values()]
+
+    # ------------------------------------------------------------------ sources
+    async def _read(self, stream: _Stream) -> None:
+        st = stream.status
+        try:
+            async for chunk in stream.source:
+                if chunk.start > stream.next_start:  # the source lost audio: keep the timeline with silence
+                    gap = chunk.start - stream.next_start
+                    stream.backlog.append(AudioChunk(st.stream_id, np.zeros(gap, np.float32), stream.next_start,
+                                                     chunk.arrival))
+                    st.gap_filled += gap
+                stream.next_start = chunk.end
+                stream.backlog.append(chunk)
+                st.samples_in += len(chunk.samples)
+                if st.backlog > self.max_backlog:
+                    self._overload(stream)
+                    if st.state == "shed":
+                        return
+                self._wake.set()
+        except Exception as e:  # a broken source ends its own stream only
+            log.warning("stream %s: source failed: %s", st.stream_id, e)
+            st.state, st.error = "failed", str(e)
+        finally:
+            stream.ended = True
+            self._wake.set()
+
+    def _overload(self, stream: _Stream) -> None:
+        st = stream.status
+        if self.policy == "shed":
+            st.state = "shed"
+            st.error = f"shed: backlog exceeded {self.max_backlog / SAMPLE_RATE:.1f} s (compute is behind)"
+            log.warning("stream %s: %s", st.stream_id, st.error)
+            stream.backlog.clear()
+            return
+        excess = st.backlog - self.max_backlog
+        while excess > 0 and stream.backlog:
+            head = stream.backlog[0]
+            n = min(excess, len(head.samples))
+            if n == len(head.samples):
+                stream.backlog.popleft()
+            else:
+                stream.backlog[0] = AudioChunk(head.stream_id, head.samples[n:], head.start + n, head.arrival)
+            st.dropped += n
+            excess -= n
+        stream.drops.append((st.samples_processed, st.dropped))
+
+    # ------------------------------------------------------------------ scheduling
+    def _feed(self, stream: _Stream) -> bool:
+        """Move the audio of the stream's next step from its backlog into the pool; False if not enough."""
+        st = stream.status
+        need = self.pool.needed(stream.slot)
+        if st.state != "open" or need > st.backlog:
+            return False
+        while need > 0:
+            head = stream.backlog[0]
+            n = min(need, len(head.samples))
+            self.pool.push(stream.slot, head.samples[:n])
+            if n == len(head.samples):
+                stream.backlog.popleft()
+            else:
+                stream.backlog[0] = AudioChunk(head.stream_id, head.samples[n:], head.start + n, head.arrival)
+            st.samples_processed += n
+            stream.last_arrival = head.arrival
+            need -= n
+        return True
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while True:
+                ready = [s for s in list(self.streams.values()) if self._feed(s)]
+                if ready:
+                    await self._step(ready)
+                for stream in [s for s in list(self.streams.values()) if s.ended and s not in ready]:
+                    await self._finish(stream)
+                if not ready:
+                    break
+
+    async def _step(self, streams: list[_Stream]) -> None:
+        start = time.perf_counter()
+        outputs = await asyncio.to_thread(self.pool.step, [s.slot for s in streams])
+        elapsed = time.perf_counter() - start
+        self.step_times.append(elapsed)
+        self.batch_sizes.append(len(streams))
+        for s in streams:
+            s.status.compute += elapsed / len(streams)
+        await self._deliver(outputs)
+
+    async def _finish(self, stream: _Stream) -> None:
+        """Flush a stream whose source ended (or drop a failed/shed one) and free its slot."""
+        st = stream.status
+        if st.state == "open":
+            while stream.backlog:  # the tail that never filled a step
+                head = stream.backlog.popleft()
+                self.pool.push(stream.slot, head.samples)
+                st.samples_processed += len(head.samples)
+                stream.last_arrival = head.arrival
+            outputs = await asyncio.to_thread(self.pool.close, stream.slot)
+            await self._deliver(outputs)
+            st.state = "closed"
+        else:
+            self.pool.discard(stream.slot)
+            await stream.source.close()
+        del self.streams[st.stream_id]
+        self.finished[st.stream_id] = st
+
+    async def _deliver(self, outputs: list[ChunkOutput]) -> None:
+        now_mono, now_wall = time.monotonic(), time.time()
+        hop = self.pool.cfg.hop
+        for out in outputs:
+            stream = self.streams[out.stream_id]
+            st = stream.status
+            latency = max(0.0, now_mono - stream.last_arrival)
+            if out.num_frames:
+                st.latencies.append(latency)
+            st.frames_out += out.num_frames
+            first = out.first_frame * hop
+            while len(stream.drops) > 1 and stream.drops[1][0] <= first:
+                stream.drops.popleft()
+            dropped = stream.drops[0][1] if stream.drops and stream.drops[0][0] <= first else 0
+            result = EngineOutput(out, first + dropped, latency, now_wall)
+            for sink in self.sinks:
+                await sink(result)
