@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,25 @@ def speech() -> torch.Tensor:
     from streamwavlm.commands.common import bundled_sample
 
     return read_wav(str(bundled_sample()))[16000:48000].clone()
+
+
+@pytest.fixture
+def pulse_mic(monkeypatch):
+    """A fake microphone through a real PulseAudio server and PortAudio's ALSA 'pulse' device."""
+    if shutil.which("pulseaudio") is None:
+        pytest.skip("pulseaudio is not installed (apt pulseaudio pulseaudio-utils libasound2-plugins)")
+    try:
+        import sounddevice  # noqa: F401
+    except OSError as e:
+        pytest.skip(f"PortAudio is not installed (apt libportaudio2): {e}")
+    from pulse import PulseMic
+
+    from streamwavlm.audio.microphone import refresh_devices
+
+    mic = PulseMic()
+    mic.start()
+    for key, value in mic.env.items():
+        monkeypatch.setenv(key, value)
+    refresh_devices()  # PortAudio lists devices once; the 'pulse' device needs the server up
+    yield mic
+    mic.stop()

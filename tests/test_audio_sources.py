@@ -297,28 +297,6 @@ def test_microphone_reader_sleeps_while_idle_and_wakes_on_data():
 
 # ---------------------------------------------------------------- microphone, real PortAudio
 
-@pytest.fixture
-def pulse_mic(monkeypatch):
-    """A fake microphone through a real PulseAudio server and PortAudio's ALSA 'pulse' device."""
-    if shutil.which("pulseaudio") is None:
-        pytest.skip("pulseaudio is not installed (apt pulseaudio pulseaudio-utils libasound2-plugins)")
-    try:
-        import sounddevice  # noqa: F401
-    except OSError as e:
-        pytest.skip(f"PortAudio is not installed (apt libportaudio2): {e}")
-    from pulse import PulseMic
-
-    from streamwavlm.audio.microphone import refresh_devices
-
-    mic = PulseMic()
-    mic.start()
-    for key, value in mic.env.items():
-        monkeypatch.setenv(key, value)
-    refresh_devices()  # PortAudio lists devices once; the 'pulse' device needs the server up
-    yield mic
-    mic.stop()
-
-
 def test_microphone_through_real_portaudio_is_bit_exact(pulse_mic):
     from streamwavlm.audio.microphone import find_device, list_devices
 

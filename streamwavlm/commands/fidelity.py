@@ -94,8 +94,10 @@ def _model(name: str) -> tuple[WavLM, str, bool]:
 
 def fidelity(args: argparse.Namespace) -> int:
     console = Console()
+    if not console.is_terminal:  # a file or pipe gets the whole table instead of rich's 80 columns
+        console.width = max(console.width, 120)
+    wav = read_wav(args.audio)  # before the model: bad audio fails fast, without loading a checkpoint
     model, description, random_weights = _model(args.checkpoint)
-    wav = read_wav(args.audio)
     total = wav.numel() / SAMPLE_RATE
     if args.max_seconds > 0:
         wav = wav[: int(args.max_seconds * SAMPLE_RATE)]
@@ -117,11 +119,10 @@ def fidelity(args: argparse.Namespace) -> int:
     if args.norm and not streams_statistics(model):
         console.print("note: this model has no GroupNorm front end or waveform normalisation, so the norm "
                       "policies give identical streams")
-    torch.set_grad_enabled(False)
     start = time.perf_counter()
     with Progress(console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(f"{len(grid)} settings", total=len(grid))
-        rows = measure(model, wav, grid, progress=lambda _i, _r: bar.advance(task))
+        rows = measure(model, wav, grid, progress=lambda _row: bar.advance(task))
     elapsed = time.perf_counter() - start
     console.print(_table(rows, model.cfg.num_layers))
     console.print(f"{len(rows)} settings in {elapsed:.1f} s. *: on the latency/last-layer-cosine front "
@@ -140,7 +141,7 @@ def _table(rows: list[FidelityRow], num_layers: int) -> Table:
     table = Table(title="streaming vs offline (cosine: mean over frames; rel err: ||s - o|| / ||o||)")
     for col in ("", "C", "L", "P", "norm", "latency ms", "cos h0", f"cos h{mid}", f"cos h{num_layers}",
                 "mean cos", "worst rel err", "RTF"):
-        table.add_column(col, justify="left" if col == "norm" else "right")
+        table.add_column(col, justify="left" if col == "norm" else "right", no_wrap=True)
     front = {id(r) for r in pareto_front(rows)}
     for r in rows:
         s = r.settings

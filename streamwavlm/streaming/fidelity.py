@@ -1,0 +1,228 @@
+"""How far streaming drifts from the offline model, per layer, over a grid of stream settings.
+
+The streaming encoder is exact only in reference mode (one chunk, full context, 63-frame lookahead, and
+no utterance-level statistics); every cheaper setting truncates attention, the positional convolution or
+the GroupNorm / waveform statistics (``docs/fidelity.md``). How much that costs depends on the weights, so
+it has to be measured with the checkpoint a user will deploy: :func:`measure` streams one utterance through
+:class:`~streamwavlm.streaming.StreamPool` for each setting and compares every hidden state with the plain
+offline forward over the same audio; :func:`plot` draws the result next to the algorithmic latency so that
+a setting can be chosen on the trade-off.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..audio.validate import SAMPLE_RATE
+from ..model.wavlm import WavLM
+from .pool import StreamPool
+from .settings import NormPolicy, StreamSettings
+
+DEFAULT_CHUNKS = (8, 16, 50)
+DEFAULT_LEFTS = (50, 250)
+DEFAULT_LOOKAHEADS = (0, 8, 32)
+
+
+@dataclass(frozen=True)
+class FidelityRow:
+    """One setting's agreement with the offline model; ``cosine[i]`` and ``rel_error[i]`` are layer i's."""
+
+    settings: StreamSettings
+    latency_ms: float
+    cosine: tuple[float, ...]  # mean over frames of cos(stream_t, offline_t), layers 0..L
+    rel_error: tuple[float, ...]  # ||stream - offline||_F / ||offline||_F over all frames, layers 0..L
+    rtf: float  # streaming compute time / audio duration (one stream, this process's threads)
+
+    @property
+    def mean_cosine(self) -> float:
+        return sum(self.cosine) / len(self.cosine)
+
+    @property
+    def worst_rel_error(self) -> float:
+        return max(self.rel_error)
+
+    @property
+    def norm_label(self) -> str:
+        """The policy, with the warmup where it matters (only ``frozen`` stops updating)."""
+        s = self.settings
+        return f"frozen {s.warmup:g}s" if s.norm == NormPolicy.FROZEN else s.norm.value
+
+    @property
+    def label(self) -> str:
+        s = self.settings
+        return f"C{s.chunk} L{s.left} P{s.lookahead} {self.norm_label}"
+
+    def to_dict(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "chunk": s.chunk, "left": s.left, "lookahead": s.lookahead, "norm": s.norm.value,
+            "warmup": s.warmup, "latency_ms": self.latency_ms, "rtf": self.rtf,
+            "cosine": list(self.cosine), "rel_error": list(self.rel_error),
+            "mean_cosine": self.mean_cosine, "worst_rel_error": self.worst_rel_error,
+        }
+
+
+def streams_statistics(model: WavLM) -> bool:
+    """Whether the model has utterance-level statistics that streaming can only approximate (the GroupNorm
+    front end of Base/Base+, or waveform normalisation): only then does the norm policy change anything."""
+    return model.frontend.group_norm or model.cfg.normalize
+
+
+def settings_grid(
+    model: WavLM,
+    chunks: Iterable[int] = DEFAULT_CHUNKS,
+    lefts: Iterable[int] = DEFAULT_LEFTS,
+    lookaheads: Iterable[int] = DEFAULT_LOOKAHEADS,
+    norms: Iterable[NormPolicy] | None = None,
+    warmup: float = 3.0,
+) -> list[StreamSettings]:
+    """The cross product of the axes, each setting validated for ``model``. ``norms=None`` means both
+    policies where the model has streamed statistics, else ``running`` alone (the policies coincide)."""
+    if norms is None:
+        norms = tuple(NormPolicy) if streams_statistics(model) else (NormPolicy.RUNNING,)
+    grid = [StreamSettings(chunk=c, left=left, lookahead=p, norm=n, warmup=warmup)
+            for c, left, p, n in itertools.product(chunks, lefts, lookaheads, norms)]
+    for s in grid:
+        s.validate(model.cfg)
+    return grid
+
+
+def compare(stream: Tensor, offline: Tensor) -> tuple[float, float]:
+    """Mean per-frame cosine similarity and relative Frobenius error of ``stream`` against ``offline``
+    (both ``(T, D)``), in float64 so that near-exact settings are not lost in rounding."""
+    s, o = stream.double(), offline.double()
+    cos = F.cosine_similarity(s, o, dim=-1).mean().item()
+    return cos, ((s - o).norm() / o.norm()).item()
+
+
+@torch.no_grad()
+def measure(
+    model: WavLM,
+    wav: Tensor,
+    settings_grid: Sequence[StreamSettings],
+    progress: Callable[[FidelityRow], None] | None = None,
+) -> list[FidelityRow]:
+    """Stream ``wav`` (16 kHz mono, 1-D) once per setting and compare every layer with ``model(wav)``.
+
+    Each setting's ``layers`` and ``final_norm`` are overridden (all layers, raw ``h_L``) so that the
+    streams produce exactly the offline ``hidden_states``. Audio is pushed one chunk's worth at a time, as a
+    live source would deliver it; the RTF covers pushing, stepping and the final flush. ``progress`` is
+    called with each row as soon as it is measured (a full grid over long audio takes minutes).
+    """
+    cfg = model.cfg
+    model.eval()
+    wav = wav.to(next(model.parameters()).device)
+    offline = [h[0] for h in model(wav[None]).hidden_states]
+    seconds = wav.numel() / SAMPLE_RATE
+    all_layers = tuple(range(cfg.num_layers + 1))
+    rows = []
+    for given in settings_grid:
+        s = replace(given, layers=all_layers, final_norm=False)
+        pool = StreamPool(model, s)
+        slot = pool.open("fidelity")
+        piece = cfg.hop * s.chunk
+        start = time.perf_counter()
+        outputs = []
+        for a in range(0, wav.numel(), piece):
+            pool.push(slot, wav[a:a + piece])
+            outputs += pool.run(slot)
+        outputs += pool.close(slot)
+        rtf = (time.perf_counter() - start) / seconds
+        streamed = torch.cat([o.frames for o in outputs], dim=1)  # (L+1, T, D)
+        if streamed.shape[1] != offline[0].shape[0]:
+            raise RuntimeError(f"{given}: the stream made {streamed.shape[1]} frames, the offline model "
+                               f"{offline[0].shape[0]}")
+        pairs = [compare(streamed[i], offline[i]) for i in all_layers]
+        row = FidelityRow(given, given.latency_ms(cfg), tuple(c for c, _ in pairs),
+                          tuple(e for _, e in pairs), rtf)
+        rows.append(row)
+        if progress is not None:
+            progress(row)
+    return rows
+
+
+def pareto_front(rows: Sequence[FidelityRow]) -> list[FidelityRow]:
+    """The settings no other setting beats on both latency and final-layer cosine, fastest first: the
+    only ones worth choosing when those two are what matters."""
+    front: list[FidelityRow] = []
+    for row in sorted(rows, key=lambda r: (r.latency_ms, -r.cosine[-1])):
+        if not front or row.cosine[-1] > front[-1].cosine[-1]:
+            front.append(row)
+    return front
+
+
+def plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -> Path:
+    """A PNG: a heatmap of per-layer cosine (settings x layers) and final-layer cosine against latency.
+
+    The heatmap scales to large grids where one curve per setting would be unreadable; the colour range
+    starts at the lowest cosine measured, so small differences near 1 stay visible.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    if not rows:
+        raise ValueError("nothing to plot: no settings were measured")
+    cos = torch.tensor([r.cosine for r in rows]).numpy()
+    n_rows, n_layers = cos.shape
+    vmin = min(float(cos.min()), 0.99)
+    fig = Figure(figsize=(8 + 0.45 * n_layers, max(5.0, 0.32 * n_rows + 2.2)), layout="constrained")
+    FigureCanvasAgg(fig)
+    heat, scatter = fig.subplots(1, 2, width_ratios=[1.2 + 0.1 * n_layers, 2.0])
+
+    im = heat.imshow(cos, aspect="auto", cmap="viridis", vmin=vmin, vmax=1.0, interpolation="nearest")
+    heat.set_xticks(range(n_layers), [str(i) for i in range(n_layers)])
+    heat.set_yticks(range(n_rows), [f"{r.label}  {r.latency_ms:.0f} ms" for r in rows], fontsize=8)
+    heat.set_xlabel("layer (hidden_states index)")
+    heat.set_title("mean frame cosine, stream vs offline")
+    if n_rows * n_layers <= 400:  # values fit in the cells
+        mid = (vmin + 1.0) / 2
+        for (i, j), c in zip(itertools.product(range(n_rows), range(n_layers)), cos.ravel(), strict=True):
+            heat.text(j, i, f"{c:.3f}", ha="center", va="center", fontsize=6.5,
+                      color="black" if c > mid else "white")
+    fig.colorbar(im, ax=heat, label="cosine", shrink=0.6, aspect=30)
+
+    # frozen: hollow and larger, so that a running point under it (they often coincide) stays visible
+    markers = {NormPolicy.RUNNING: ("o", 30), NormPolicy.FROZEN: ("s", 70)}
+    lefts = sorted({r.settings.left for r in rows})
+    colours = {left: f"C{k % 10}" for k, left in enumerate(lefts)}
+    labelled: set[tuple[int, int, int]] = set()
+    for r in sorted(rows, key=lambda r: -r.cosine[-1]):
+        s = r.settings
+        marker, size = markers[s.norm]
+        hollow = s.norm == NormPolicy.FROZEN
+        scatter.scatter(r.latency_ms, r.cosine[-1], marker=marker, s=size, zorder=3, linewidths=1.2,
+                        facecolors="none" if hollow else colours[s.left], edgecolors=colours[s.left])
+        if (s.chunk, s.left, s.lookahead) not in labelled:  # norm policies often coincide: label once
+            labelled.add((s.chunk, s.left, s.lookahead))
+            scatter.annotate(f"C{s.chunk}/P{s.lookahead}", (r.latency_ms, r.cosine[-1]),
+                             textcoords="offset points", xytext=(4, 3), fontsize=7)
+    front = pareto_front(rows)
+    scatter.step([r.latency_ms for r in front], [r.cosine[-1] for r in front], where="post", color="grey",
+                 linestyle="--", linewidth=1, zorder=2)
+    handles = [Line2D([], [], color=colours[left], marker="o", linestyle="", label=f"left {left} frames")
+               for left in lefts]
+    handles += [Line2D([], [], color="black", marker=markers[n][0], linestyle="", label=n.value,
+                       markerfacecolor="none" if n == NormPolicy.FROZEN else "black")
+                for n in markers if any(r.settings.norm == n for r in rows)]
+    handles.append(Line2D([], [], color="grey", linestyle="--", label="best cosine at this latency"))
+    scatter.legend(handles=handles, fontsize=8, loc="lower right")
+    scatter.set_xlabel("algorithmic latency (ms) = (C + P) x 20 ms + 25 ms")
+    scatter.set_ylabel(f"cosine at the last layer ({n_layers - 1})")
+    scatter.set_title("last layer: fidelity vs latency")
+    scatter.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
