@@ -31,7 +31,7 @@ BARS = " ▁▂▃▄▅▆▇█"
 
 def sparkline(values: list[float], lo: float, hi: float) -> str:
     scale = len(BARS) - 1
-    return "".join(BARS[int(round((min(max(v, lo), hi) - lo) / (hi - lo) * scale))] for v in values)
+    return "".join(BARS[round((min(max(v, lo), hi) - lo) / (hi - lo) * scale)] for v in values)
 
 
 class View:

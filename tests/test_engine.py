@@ -229,3 +229,31 @@ def test_microphone_through_engine_equals_file(model, speech, pulse_mic, tmp_pat
 
     asyncio.run(from_file())
     assert torch.equal(frames, torch.cat([o.chunk.frames[0] for o in file_got["file"]]))
+
+
+def test_websocket_clients_through_engine_equal_file_path(model, speech, tmp_path):
+    """Three real WebSocket clients over loopback at once; each stream's embeddings equal the file path's."""
+    from streamwavlm.audio.websocket import WebSocketAudioServer, send_file
+
+    wavs = {f"ws{i}": speech.numpy()[i * 2000: 16000 + i * 2000] for i in range(3)}
+    for name, wav in wavs.items():
+        sf.write(tmp_path / f"{name}.wav", wav, 16000, subtype="FLOAT")
+    got, sink = collect()
+
+    async def main():
+        async with WebSocketAudioServer() as server, \
+                Engine(StreamPool(model, SETTINGS, capacity=4), [sink]) as engine:
+            async def accept():
+                async for stream in server.streams():
+                    engine.add(stream, stream.stream_id)
+
+            acceptor = asyncio.create_task(accept())
+            await asyncio.gather(*(send_file(server.url, tmp_path / f"{n}.wav", n, format="f32le") for n in wavs))
+            while len(engine.finished) < len(wavs):
+                await asyncio.sleep(0.05)
+            acceptor.cancel()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    for name, wav in wavs.items():
+        frames = torch.cat([o.chunk.frames[0] for o in got[name]])
+        assert (frames - solo_frames(model, wav)).abs().max() < 1e-5
