@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -52,14 +53,30 @@ class PositionalConv(nn.Module):
             y = y[:, :, :-1]
         return x + F.gelu(y).transpose(1, 2)
 
-    def window(self, x: Tensor) -> Tensor:
-        """Conv output for the frames of ``x (B, T, D)`` that have their full context inside ``x``.
+    def truncated_weight(self, lookahead: int) -> Tensor:
+        """Per-group GEMM weight ``(G, (left + lookahead + 1) * Cg, Cg)`` of the taps up to ``+lookahead``.
 
-        Returns ``(B, T - K + 1, D)``: output frame i corresponds to input frame ``i + left``. The streaming
-        encoder uses this with its history and lookahead buffers; without the residual.
+        The streaming encoder treats frames beyond its lookahead as zero, which is the same as dropping
+        those taps; as a batched GEMM over groups the short window of a chunk costs far less than the
+        generic grouped convolution.
         """
-        y = F.conv1d(x.transpose(1, 2), self.conv.weight, self.conv.bias, groups=self.groups)
-        return F.gelu(y).transpose(1, 2)
+        taps = self.left + lookahead + 1
+        w = self.conv.weight.detach()[:, :, :taps]  # (D, Cg, taps): out channel, in channel of group, tap
+        cg = w.shape[1]
+        return w.reshape(self.groups, cg, cg, taps).permute(0, 3, 2, 1).reshape(self.groups, taps * cg, cg)
+
+    def window(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``GELU(conv)`` for the frames of ``x (B, W, D)`` whose taps all lie inside ``x``, with the weight of
+        :meth:`truncated_weight`: ``(B, W - taps + 1, D)``, output i centred on input ``i + left``."""
+        b, w, d = x.shape
+        g, k_cg, cg = weight.shape
+        taps = k_cg // cg
+        n = w - taps + 1
+        x = x.contiguous()
+        rows = x.as_strided((b, n, taps, g, cg), (w * d, d, d, cg, 1))
+        rows = rows.permute(3, 0, 1, 2, 4).reshape(g, b * n, taps * cg)
+        y = torch.bmm(rows, weight).view(g, b, n, cg).permute(1, 2, 0, 3).reshape(b, n, d)
+        return F.gelu(y + self.conv.bias)
 
 
 class FeedForward(nn.Module):

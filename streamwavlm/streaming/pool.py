@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..audio.validate import SAMPLE_RATE, to_float_mono
@@ -104,7 +103,7 @@ class StreamPool:
         self.tail_len = cfg.receptive_field - cfg.hop
         pc = model.encoder.pos_conv
         self.pos_left = pc.left
-        self.pos_weight = pc.conv.weight[:, :, : pc.left + settings.lookahead + 1].detach()
+        self.pos_weight = pc.truncated_weight(settings.lookahead)
         self.ring = settings.left + settings.chunk
         self._slots: list[_Slot | None] = [None] * capacity
         self._t = self._init_tensors(capacity)
@@ -276,10 +275,8 @@ class StreamPool:
         n_out = window.shape[1] - self.pos_left - s.lookahead
         x = window[:, :0]
         if n_out > 0:
-            conv = F.conv1d(window.transpose(1, 2), self.pos_weight, model.encoder.pos_conv.conv.bias,
-                            groups=model.encoder.pos_conv.groups)
-            x = model.encoder.input_norm(window[:, self.pos_left:self.pos_left + n_out]
-                                         + F.gelu(conv).transpose(1, 2))
+            conv = model.encoder.pos_conv.window(window, self.pos_weight)
+            x = model.encoder.input_norm(window[:, self.pos_left:self.pos_left + n_out] + conv)
 
         # 4: the Transformer, chunk by chunk (one chunk except when flushing)
         starts = torch.tensor([st.frames_out for st in states], device=x.device)
