@@ -5,6 +5,7 @@ torch implementation on the CPU; ``STREAMWAVLM_ATTENTION`` (``auto``/``torch``/`
 :func:`set_backend` forces one (``triton`` on CPU tensors needs ``TRITON_INTERPRET=1``).
 """
 
+from .gate import gate_from_logits, gated_rel_attention_from_logits
 from .gated_attention import (
     attention_backend,
     gated_rel_attention,
@@ -12,4 +13,11 @@ from .gated_attention import (
     set_backend,
 )
 
-__all__ = ["attention_backend", "gated_rel_attention", "gated_rel_attention_torch", "set_backend"]
+__all__ = [
+    "attention_backend",
+    "gate_from_logits",
+    "gated_rel_attention",
+    "gated_rel_attention_from_logits",
+    "gated_rel_attention_torch",
+    "set_backend",
+]

@@ -131,7 +131,10 @@ def gated_rel_attention_torch(
         scores.addcmul_(gb[..., None].float(), bias)
         if mask is not None:
             scores.masked_fill_(~mask[:, None], neg)
-        block = torch.matmul(torch.softmax(scores, dim=-1), vf)
+        probs = torch.softmax(scores, dim=-1)
+        if mask is not None:  # a query with no allowed key gives 0 (as the Triton kernel), not a mean of v
+            probs.masked_fill_(~mask.any(-1, keepdim=True)[:, None], 0.0)
+        block = torch.matmul(probs, vf)
         out[:, :, s:e] = block.flip(2) if ext is not None else block
     return out
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
+from .linear import Packed, linear, pack
 
 Stats = tuple[Tensor, Tensor]  # per-channel (mean, biased variance), each (B, C)
 
@@ -42,14 +43,16 @@ class FrontEnd(nn.Module):
                 self.norms.append(nn.GroupNorm(out_ch, out_ch, eps=self.eps))
             in_ch = out_ch
         self.gemm_weights: list[Tensor] = []
+        self.gemm_packed: list[Packed | None] = []
         self.derive()
 
     @torch.no_grad()
     def derive(self) -> None:
-        """Rebuild each conv's ``(kernel * C_in, C_out)`` GEMM weight (call after loading weights)."""
+        """Rebuild each conv's ``(C_out, kernel * C_in)`` GEMM weight (call after loading weights)."""
         self.gemm_weights = [
-            conv.weight.permute(2, 1, 0).reshape(-1, conv.weight.shape[0]).contiguous() for conv in self.convs
+            conv.weight.permute(0, 2, 1).reshape(conv.weight.shape[0], -1).contiguous() for conv in self.convs
         ]
+        self.gemm_packed = [pack(w, conv.bias) for w, conv in zip(self.gemm_weights, self.convs, strict=True)]
 
     @property
     def group_norm(self) -> bool:
@@ -65,9 +68,7 @@ class FrontEnd(nn.Module):
         if t_out <= 0:
             return x.new_zeros(b, 0, self.cfg.conv_layers[i][0])
         rows = x.as_strided((b, t_out, kernel * c), (t * c, stride * c, 1))
-        bias = self.convs[i].bias
-        y = torch.matmul(rows, self.gemm_weights[i])
-        return y if bias is None else y.add_(bias)
+        return linear(rows, self.gemm_weights[i], self.convs[i].bias, self.gemm_packed[i])
 
     def conv0_moments(self, wav: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-channel sum and sum of squares (fp64) of conv 0's output ``(B, C)``, and its length.
