@@ -358,3 +358,37 @@ def test_gpu_realistic_shapes(tga: ModuleType, dtype: torch.dtype, batch: int, h
 @needs_cuda
 def test_gpu_auto_backend_is_triton(no_forced_backend: None) -> None:
     assert gated_attention.attention_backend(torch.device("cuda")) == "triton"
+
+
+def test_model_streaming_step_through_triton_equals_torch(tga: ModuleType, no_forced_backend: None,
+                                                          tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tiny model streamed with the Triton path (interpreted on the CPU) equals the torch path."""
+    from conftest import perturb_, save_hf_model, tiny_hf_config
+    from transformers import WavLMModel
+
+    from streamwavlm.checkpoint import load_model
+    from streamwavlm.streaming import StreamPool, StreamSettings
+
+    cfg = tiny_hf_config("large", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=48, conv_dim=(16,) * 7)
+    model = load_model(save_hf_model(perturb_(WavLMModel(cfg)), tmp_path / "tiny")).to(DEVICE)
+    wav = torch.randn(9000, generator=torch.Generator().manual_seed(1)) * 0.1
+    calls: list[int] = []
+    kernel = tga.gated_rel_attention_triton
+    monkeypatch.setattr(tga, "gated_rel_attention_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+
+    def stream(backend: str) -> Tensor:
+        set_backend(backend)
+        pool = StreamPool(model, StreamSettings(chunk=4, left=8, lookahead=2, layers=(1, 2)), capacity=2)
+        a, b = pool.open("a"), pool.open("b")
+        pool.push(a, wav)
+        pool.push(b, wav[:5000])  # a second stream at another position in the same batches
+        outs = []
+        while pool.ready():
+            outs += pool.step()
+        outs += pool.close(a) + pool.close(b)
+        return torch.cat([o.frames for o in outs if o.stream_id == "a"], 1)
+
+    with torch.no_grad():
+        assert_close(stream("triton"), stream("torch"))
+    assert len(calls) > 10  # every layer of every step went through the kernel
