@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "streamwavlm.commands.info",
     "streamwavlm.commands.convert",
     "streamwavlm.commands.fidelity",
+    "streamwavlm.commands.listen",
     "streamwavlm.download",
 )
 

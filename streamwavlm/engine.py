@@ -226,8 +226,11 @@ class Engine:
                 ready = [s for s in list(self.streams.values()) if self._feed(s)]
                 if ready:
                     await self._step(ready)
-                for stream in [s for s in list(self.streams.values()) if s.ended and s not in ready]:
-                    await self._finish(stream)
+                for stream in list(self.streams.values()):
+                    # ended, and no full step left (audio may have arrived during the step just run)
+                    if stream.ended and (stream.status.state != "open"
+                                         or self.pool.needed(stream.slot) > stream.status.backlog):
+                        await self._finish(stream)
                 if not ready:
                     break
 

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from ..mqtt.connection import BrokerUnavailable
 from ..mqtt.message import EmbeddingMessage, Gap
-from ..mqtt.subscriber import Item, SubscriberStats, subscribe
+from ..mqtt.subscriber import Item, subscribe
 from ..mqtt.wire import WireError, encode_json, encode_status
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -50,30 +50,29 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Print until ``--count`` messages or ``--timeout`` seconds; malformed payloads are reported on
     stderr and skipped. Exit code 0, or 2 when the broker cannot be reached."""
     out = out or sys.stdout
-    stats = SubscriberStats()
 
     def on_error(topic: str, error: WireError) -> None:
         print(f"streamwavlm listen: skipped a malformed payload: {error}", file=sys.stderr)
 
     items = subscribe(args.broker, args.prefix, args.stream, args.kinds or ("embeddings", "xvector"),
-                      protocol=args.protocol, on_error=on_error, connect_timeout=args.connect_timeout,
-                      stats=stats)
+                      protocol=args.protocol, on_error=on_error, connect_timeout=args.connect_timeout)
     try:
         async with contextlib.aclosing(items):
-            await asyncio.wait_for(_print_items(items, args, out, stats), args.timeout)
+            await asyncio.wait_for(_print_items(items, args, out), args.timeout)
     except asyncio.TimeoutError:
         pass
-    except BrokerUnavailable as e:
+    except (BrokerUnavailable, ValueError) as e:  # ValueError: a bad URL, prefix or kind
         print(f"streamwavlm listen: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-async def _print_items(items: AsyncIterator[Item], args: argparse.Namespace, out: TextIO,
-                       stats: SubscriberStats) -> None:
+async def _print_items(items: AsyncIterator[Item], args: argparse.Namespace, out: TextIO) -> None:
+    printed = 0
     async for item in items:
         print(format_item(item, as_json=args.json), file=out, flush=True)
-        if args.count is not None and stats.delivered >= args.count:
+        printed += isinstance(item, EmbeddingMessage)
+        if args.count is not None and printed >= args.count:
             return
 
 

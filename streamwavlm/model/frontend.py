@@ -1,8 +1,7 @@
 """The CNN front end: 16 kHz samples to frame features (50 per second for the released models).
 
-Each valid, strided convolution runs as one GEMM over a strided view of its channels-last input (row t of
-the view is the ``kernel * channels`` values that output frame t reads), which is faster on the CPU than
-the generic convolution and keeps every activation ``(B, T, C)`` so that norms and GELU work on rows.
+The convolutions run channels-first through oneDNN (measured faster here than GEMMs over strided
+channels-last views, which need a copy of every overlapping window); only the output is channels-last.
 
 Block 0 of the group-norm variant (Base, Base+) normalises each channel over the whole utterance, which is
 the one part of WavLM that cannot stream exactly. The front end therefore takes the GroupNorm statistics as
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
-from .linear import Packed, linear, pack
 
 Stats = tuple[Tensor, Tensor]  # per-channel (mean, biased variance), each (B, C)
 
@@ -42,33 +40,10 @@ class FrontEnd(nn.Module):
             elif i == 0:
                 self.norms.append(nn.GroupNorm(out_ch, out_ch, eps=self.eps))
             in_ch = out_ch
-        self.gemm_weights: list[Tensor] = []
-        self.gemm_packed: list[Packed | None] = []
-        self.derive()
-
-    @torch.no_grad()
-    def derive(self) -> None:
-        """Rebuild each conv's ``(C_out, kernel * C_in)`` GEMM weight (call after loading weights)."""
-        self.gemm_weights = [
-            conv.weight.permute(0, 2, 1).reshape(conv.weight.shape[0], -1).contiguous() for conv in self.convs
-        ]
-        self.gemm_packed = [pack(w, conv.bias) for w, conv in zip(self.gemm_weights, self.convs, strict=True)]
 
     @property
     def group_norm(self) -> bool:
         return self.cfg.extractor_mode == "default"
-
-    def conv(self, i: int, x: Tensor) -> Tensor:
-        """Conv ``i`` of a channels-last input ``(B, T, C_in)`` (``(B, N)`` samples for conv 0)."""
-        _, kernel, stride = self.cfg.conv_layers[i]
-        x = x.contiguous()
-        b, t = x.shape[0], x.shape[1]
-        c = x.shape[2] if x.dim() == 3 else 1
-        t_out = (t - kernel) // stride + 1
-        if t_out <= 0:
-            return x.new_zeros(b, 0, self.cfg.conv_layers[i][0])
-        rows = x.as_strided((b, t_out, kernel * c), (t * c, stride * c, 1))
-        return linear(rows, self.gemm_weights[i], self.convs[i].bias, self.gemm_packed[i])
 
     def conv0_moments(self, wav: Tensor) -> tuple[Tensor, Tensor, int]:
         """Per-channel sum and sum of squares (fp64) of conv 0's output ``(B, C)``, and its length.
@@ -76,8 +51,8 @@ class FrontEnd(nn.Module):
         These are the sufficient statistics of the GroupNorm; they add over disjoint spans of conv-0
         frames, which is what makes blocked and running statistics possible.
         """
-        y = self.conv(0, wav).double()
-        return y.sum(1), (y * y).sum(1), y.shape[1]
+        y = self.convs[0](wav[:, None, :]).double()
+        return y.sum(2), (y * y).sum(2), y.shape[2]
 
     def forward(self, wav: Tensor, stats: Stats | Callable[[Tensor], Stats] | None = None) -> Tensor:
         """``(B, N)`` samples to ``(B, T, C)`` features.
@@ -86,24 +61,26 @@ class FrontEnd(nn.Module):
         statistics (group-norm variant only), or a function that makes them from conv 0's output
         ``(B, T0, C)`` (the streaming encoder updates its running statistics there).
         """
-        x = wav
-        for i in range(len(self.convs)):
-            x = self.conv(i, x)
+        if self.cfg.num_frames(wav.shape[-1]) == 0:  # too short for one frame: no frames, not an error
+            return wav.new_zeros(wav.shape[0], 0, self.cfg.conv_dim)
+        x = wav[:, None, :]
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
             if self.group_norm:
                 if i == 0:
-                    x = self._group_norm(x, stats(x) if callable(stats) else stats)
+                    x = self._group_norm(x, stats(x.transpose(1, 2)) if callable(stats) else stats)
             else:
-                x = F.layer_norm(x, (x.shape[-1],), self.norms[i].weight, self.norms[i].bias, self.eps)
+                norm = self.norms[i]
+                x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), norm.weight, norm.bias, self.eps).transpose(1, 2)
             x = F.gelu(x)
-        return x
+        return x.transpose(1, 2)
 
     def _group_norm(self, x: Tensor, stats: Stats | None) -> Tensor:
-        """Per-channel normalisation over time with the given or the input's own (biased) statistics."""
+        """Per-channel normalisation of ``x (B, C, T)`` over time with given or its own (biased) statistics."""
         norm = self.norms[0]
         if stats is None:
-            var, mean = torch.var_mean(x, dim=1, correction=0)
-        else:
-            mean, var = (s.to(x.dtype) for s in stats)
+            return F.group_norm(x, x.shape[1], norm.weight, norm.bias, self.eps)
+        mean, var = (s.to(x.dtype) for s in stats)
         scale = norm.weight * torch.rsqrt(var + self.eps)
         shift = norm.bias - mean * scale
-        return torch.addcmul(shift[:, None, :], x, scale[:, None, :])
+        return torch.addcmul(shift[:, :, None], x, scale[:, :, None])

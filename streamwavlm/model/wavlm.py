@@ -86,7 +86,6 @@ class WavLM(nn.Module):
 
     def derive(self) -> None:
         """Recompute the tensors derived from the parameters: the bias table and fused projections."""
-        self.frontend.derive()
         self.encoder.build_table()
         for layer in self.encoder.layers:
             layer.attn.fuse()

@@ -9,7 +9,6 @@ only MQTT 3.1.1 and is 2-3x slower but needs nothing outside pip. The URL it yie
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -141,6 +140,7 @@ class Mosquitto:
             return
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
+        self.resume()  # a paused broker handles SIGTERM only once it runs again
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -155,6 +155,16 @@ class Mosquitto:
         self.process.kill()
         self.process.wait()
         self._close_pipes()
+
+    def pause(self) -> None:
+        """SIGSTOP: a hung broker. TCP connections still complete (the kernel accepts them) but nothing is
+        answered until ``resume()``."""
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.pid is not None:
+            os.kill(self.pid, signal.SIGCONT)
 
     def restart(self, timeout: float = 5.0) -> None:
         self.stop(timeout)
@@ -240,9 +250,11 @@ async def _start_amqtt(host: str, port: int) -> Any:
         # only anonymous auth: the default plugin set also logs every packet and publishes $SYS topics
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
+    # amqtt (and its state machine library) log every connection at INFO; an embedded broker should stay
+    # quiet unless something fails, or unless the application configured those loggers itself
+    for name in ("amqtt", "transitions"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
     broker = Broker(config)
-    # amqtt logs every connection at INFO; an embedded broker should stay quiet unless something fails
-    with contextlib.suppress(Exception):
-        logging.getLogger("amqtt").setLevel(logging.WARNING)
     await broker.start()
     return broker

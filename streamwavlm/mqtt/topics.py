@@ -1,4 +1,4 @@
-"""Topic names: ``<prefix>/<stream_id>/<kind>``, with the engine's status at ``<prefix>/_engine/status``.
+"""Topic names: ``<prefix>/<stream_id>/<kind>``; the engine's status uses the reserved id ``_engine``.
 
 Stream ids and kinds become single topic levels, so they are checked here once: a ``/`` or a wildcard in
 a stream id would silently publish somewhere no subscriber looks.
@@ -7,8 +7,6 @@ a stream id would silently publish somewhere no subscriber looks.
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from .message import ENGINE_ID, STATUS
 
 _FORBIDDEN = ("/", "+", "#", "\0")
 
@@ -35,10 +33,6 @@ def check_prefix(prefix: str) -> str:
 
 def topic(prefix: str, stream_id: str, kind: str) -> str:
     return f"{prefix}/{stream_id}/{kind}"
-
-
-def engine_status_topic(prefix: str) -> str:
-    return topic(prefix, ENGINE_ID, STATUS)
 
 
 def filters(prefix: str, stream: str, kinds: Iterable[str]) -> list[str]:

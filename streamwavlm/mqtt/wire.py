@@ -176,13 +176,14 @@ def _check_message(msg: EmbeddingMessage) -> np.ndarray:
 
 
 def _check_layout(msg: EmbeddingMessage, data: np.ndarray) -> None:
-    """The per-kind layout: embeddings (layers, frames, dim) with one layer id per row; xvector (dim,)."""
+    """The per-kind layout: embeddings (layers, frames, dim) with one layer id per row; xvector (dim,).
+    Layer ids of a 1-D array say which layers it was pooled from, so their number is free."""
     shape = data.shape
     if msg.kind == EMBEDDINGS and len(shape) != 3:
         raise WireError(f"kind 'embeddings' needs data of shape (layers, frames, dim), got {shape}")
     if msg.kind == XVECTOR and len(shape) != 1:
         raise WireError(f"kind 'xvector' needs data of shape (dim,), got {shape}")
-    if msg.layers and len(msg.layers) != shape[0]:
+    if msg.layers and len(shape) >= 2 and len(msg.layers) != shape[0]:
         raise WireError(f"{len(msg.layers)} layer ids {tuple(msg.layers)} for a layer axis of "
                         f"{shape[0]} rows (shape {shape})")
     if msg.kind == EMBEDDINGS and not msg.layers:
