@@ -7,7 +7,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	@.venv/bin/streamwavlm run $(ARGS)
+	@.venv/bin/streamwavlm stream --realtime --listen $(ARGS)
 
 test: setup
 	@.venv/bin/ruff check .

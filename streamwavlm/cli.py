@@ -12,6 +12,7 @@ from .config import ConfigError
 
 # modules that define ``add_parser(subparsers)``; each parser sets ``func(args) -> int``
 COMMAND_MODULES = (
+    "streamwavlm.commands.stream",
     "streamwavlm.commands.run",
     "streamwavlm.commands.info",
     "streamwavlm.commands.convert",

@@ -94,6 +94,8 @@ class _Stream:
     last_arrival: float = 0.0  # arrival time of the newest sample handed to the encoder
     drops: deque[tuple[int, int]] = field(default_factory=deque)  # (processed position, cumulative dropped)
     ended: bool = False
+    live: bool = True  # False: the source waits for room (backpressure) instead of the overload policy
+    room: asyncio.Event = field(default_factory=asyncio.Event)  # set when the backlog shrinks
     task: asyncio.Task[None] | None = None
 
 
@@ -129,12 +131,16 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
 
-    def add(self, source: AudioSource, stream_id: str) -> StreamStatus:
-        """Start reading ``source`` as stream ``stream_id`` (a pool slot is taken now)."""
+    def add(self, source: AudioSource, stream_id: str, *, live: bool = True) -> StreamStatus:
+        """Start reading ``source`` as stream ``stream_id`` (a pool slot is taken now).
+
+        ``live=False`` (files read faster than real time): the source is paused while its backlog is full,
+        so nothing is dropped; live sources (microphones, network streams) get the overload policy.
+        """
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} is already running")
         slot = self.pool.open(stream_id)
-        stream = _Stream(StreamStatus(stream_id), source, slot)
+        stream = _Stream(StreamStatus(stream_id), source, slot, live=live)
         self.streams[stream_id] = stream
         stream.task = asyncio.create_task(self._read(stream), name=f"source-{stream_id}")
         return stream.status
@@ -166,11 +172,14 @@ class Engine:
                 stream.next_start = chunk.end
                 stream.backlog.append(chunk)
                 st.samples_in += len(chunk.samples)
+                self._wake.set()
+                while not stream.live and st.backlog > self.max_backlog:
+                    stream.room.clear()
+                    await stream.room.wait()
                 if st.backlog > self.max_backlog:
                     self._overload(stream)
                     if st.state == "shed":
                         return
-                self._wake.set()
         except Exception as e:  # a broken source ends its own stream only
             log.warning("stream %s: source failed: %s", st.stream_id, e)
             st.state, st.error = "failed", str(e)
@@ -216,6 +225,7 @@ class Engine:
             st.samples_processed += n
             stream.last_arrival = head.arrival
             need -= n
+        stream.room.set()
         return True
 
     async def _schedule(self) -> None:

@@ -1,0 +1,164 @@
+"""``streamwavlm stream``: the main job. Audio in (file, microphone, WebSocket or MQTT audio) -> streaming
+encoder -> embeddings out on MQTT, with an embedded broker when none is given."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from ..audio.files import FileSource
+from ..checkpoint import model_from_setting
+from ..engine import Engine
+from ..mqtt import EmbeddedBroker, EmbeddingMessage, Gap, Publisher, subscribe
+from ..mqtt.sink import MqttSink
+from ..streaming import StreamPool, XVectorSettings
+from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
+
+AUDIO_PREFIX = "streamwavlm-audio"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stream", help="the main job: audio in -> streaming encoder -> embeddings on MQTT")
+    add_checkpoint_option(p)
+    add_stream_options(p)
+    p.add_argument("--input", default=None, metavar="SOURCE",
+                   help="FILE, mic[:DEVICE], ws://HOST:PORT (serve audio over WebSocket) or mqtt://HOST:PORT "
+                        f"(audio on '{AUDIO_PREFIX}/audio/<stream>'); default: the bundled sample")
+    p.add_argument("--broker", help="mqtt://[user:pass@]host:port to publish to (default: start an embedded one)")
+    p.add_argument("--prefix", default="streamwavlm", help="topic prefix (default: %(default)s)")
+    p.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT protocol version (default: 5)")
+    p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="QoS of embeddings (default: 1)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="payload dtype")
+    p.add_argument("--xvector", metavar="WINDOW,HOP", help="publish x-vectors over WINDOW frames every HOP "
+                   "frames (needs a speaker-head checkpoint)")
+    p.add_argument("--realtime", action="store_true", help="pace file input in real time")
+    p.add_argument("--capacity", type=int, default=16, help="most concurrent streams (default: %(default)s)")
+    p.add_argument("--max-backlog", type=float, default=2.0, help="seconds of queued audio per stream before "
+                   "the overload policy applies (default: %(default)s)")
+    p.add_argument("--overload", choices=("drop_oldest", "shed"), default="drop_oldest")
+    p.add_argument("--listen", action="store_true", help="also subscribe and print what arrives")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds (live inputs)")
+    p.set_defaults(func=lambda args: asyncio.run(stream(args)))
+
+
+async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[object, str, bool]]:
+    """Yield (source, stream id, live) for the input spec; network inputs yield one per client."""
+    if spec.startswith("ws://"):
+        from ..audio.websocket import WebSocketAudioServer
+
+        u = urlparse(spec)
+        async with WebSocketAudioServer(u.hostname or "127.0.0.1", u.port or 8765) as server:
+            print(f"accepting audio streams on {server.url}", flush=True)
+            async for s in server.streams():
+                yield s, s.stream_id, True
+    elif spec.startswith("mqtt://"):
+        from ..audio.mqtt_audio import MqttAudioInput
+
+        u = urlparse(spec)
+        async with MqttAudioInput(u.hostname or "127.0.0.1", u.port or 1883, prefix=AUDIO_PREFIX) as mq:
+            print(f"accepting audio on {spec} topic {AUDIO_PREFIX}/audio/<stream>", flush=True)
+            async for s in mq.streams():
+                yield s, s.stream_id, True
+    elif spec == "mic" or spec.startswith("mic:"):
+        from ..audio.microphone import MicrophoneSource
+
+        device = spec[4:] or None
+        yield MicrophoneSource(int(device) if device and device.isdigit() else device, block=800), "mic", True
+    else:
+        yield FileSource(spec, block=1600, realtime=args.realtime), Path(spec).stem, args.realtime
+
+
+async def _listen(broker: str, prefix: str, console: Console, latencies: list[float]) -> None:
+    async for item in subscribe(broker, prefix, kinds=("embeddings", "xvector"), connect_timeout=10):
+        if isinstance(item, Gap):
+            console.print(f"[red]gap[/] {item.stream_id}/{item.kind}: {item.count} message(s) missing")
+        elif isinstance(item, EmbeddingMessage):
+            latency = time.time() - item.timestamp
+            latencies.append(latency)
+            console.print(f"{item.stream_id}/{item.kind} seq {item.seq}: frames {item.first_frame}.."
+                          f"{item.first_frame + item.frames - 1} shape {tuple(item.data.shape)} "
+                          f"latency {latency * 1000:.0f} ms")
+
+
+async def stream(args: argparse.Namespace) -> int:
+    console = Console()
+    torch.set_grad_enabled(False)
+    model, description = model_from_setting(args.checkpoint)
+    settings = settings_from_args(args, model.cfg)
+    if args.xvector:
+        window, hop = (int(x) for x in args.xvector.split(","))
+        settings = settings.__class__(**{**settings.__dict__, "xvector": XVectorSettings(window, hop)})
+        settings.validate(model.cfg)
+    console.print(f"[bold]model[/]: {description}")
+    model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
+    spec = args.input or str(bundled_sample())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    if args.seconds:
+        loop.call_later(args.seconds, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        broker = args.broker
+        if broker is None:
+            broker = await stack.enter_async_context(EmbeddedBroker())
+            console.print(f"[bold]broker[/]: embedded, {broker}")
+        latencies: list[float] = []
+        listener = None
+        if args.listen:
+            listener = asyncio.create_task(_listen(broker, args.prefix, console, latencies))
+            await asyncio.sleep(0.3)  # let the subscription settle before the first message
+        publisher = await stack.enter_async_context(Publisher(
+            broker, prefix=args.prefix, protocol=args.protocol,
+            qos={"embeddings": args.qos, "xvector": args.qos}))
+        sink = MqttSink(publisher, model_id, 16000 / model.cfg.hop, args.dtype)
+        pool = StreamPool(model, settings, capacity=args.capacity)
+        engine = await stack.enter_async_context(
+            Engine(pool, [sink], max_backlog=args.max_backlog, policy=args.overload))
+        console.print(f"[bold]streaming[/]: {spec} -> {broker} under '{args.prefix}/<stream>/embeddings'; "
+                      f"chunk {settings.chunk}, left {settings.left}, lookahead {settings.lookahead}: algorithmic "
+                      f"latency {settings.latency_ms(model.cfg):.0f} ms")
+
+        async def accept() -> None:
+            async for source, stream_id, live in _sources(spec, args):
+                sink.status(engine.add(source, stream_id, live=live))  # type: ignore[arg-type]
+
+        acceptor = asyncio.create_task(accept())
+        network = spec.startswith(("ws://", "mqtt://"))
+        while not stop.is_set() and (network or not acceptor.done() or engine.streams):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+        if acceptor.done() and acceptor.exception():
+            raise acceptor.exception()  # type: ignore[misc]
+        acceptor.cancel()
+        for s in list(engine.streams.values()):
+            await s.source.close()
+        await engine.drain()
+        for st in engine.finished.values():
+            sink.status(st)
+        await publisher.flush(10)
+        if listener is not None:
+            await asyncio.sleep(0.5)
+            listener.cancel()
+        for summary in engine.status():
+            console.print(f"[bold]{summary['stream']}[/]: {summary['frames_out']} frames, chunk latency p50 "
+                          f"{summary['latency_ms_p50']} ms p99 {summary['latency_ms_p99']} ms, RTF {summary['rtf']}, "
+                          f"dropped {summary['dropped']} samples")
+        c = publisher.counters
+        console.print(f"published {c.published} messages ({c.outbox_overflow} lost to a full outbox, "
+                      f"{c.reconnects} reconnects)")
+        if latencies:
+            ms = np.array(latencies) * 1000
+            console.print(f"subscriber received {len(ms)} messages: latency from a chunk's last sample to "
+                          f"receipt p50 {np.percentile(ms, 50):.0f} ms, p99 {np.percentile(ms, 99):.0f} ms")
+    return 0
