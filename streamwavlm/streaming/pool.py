@@ -246,7 +246,7 @@ class StreamPool:
     @torch.no_grad()
     def _advance(self, slots: list[int], new: list[np.ndarray], flush: bool) -> list[ChunkOutput]:
         cfg, s, model = self.cfg, self.settings, self.model
-        idx = torch.tensor(slots)
+        idx = torch.tensor(slots, device=self._t["tail"].device)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         t = {k: (v[slots[0]:slots[0] + len(slots)] if contiguous else v.index_select(0, idx))
              for k, v in self._t.items()}
@@ -384,7 +384,7 @@ class StreamPool:
         assert head is not None
         if hidden:
             cache = self._t["tdnn_in"]
-            idx = torch.tensor(slots)
+            idx = torch.tensor(slots, device=cache.device)
             window = torch.cat([cache.index_select(0, idx), head.frame_input(hidden)], 1)
             cache.index_copy_(0, idx, window[:, window.shape[1] - cache.shape[1]:])
             frames = head.tdnn_frames(window)  # one TDNN frame ending at each new projected frame
