@@ -55,7 +55,11 @@ def ours_from_hf(model, directory: Path):
     """Our model with the same weights, through a real HF directory and our loader."""
     from streamwavlm.checkpoint import load_model
 
+    import json
+
     model.save_pretrained(directory)
+    # transformers' WavLMModel never normalises the waveform; say so, so both see the same input
+    (directory / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False}))
     return load_model(directory)
 
 

@@ -24,7 +24,7 @@ from .position import bias_table
 from .xvector import XVectorHead
 
 # CNN block size (frames) above which the front end runs block by block with two-pass GroupNorm statistics
-FRONTEND_BLOCK_FRAMES = 500
+FRONTEND_BLOCK_FRAMES = 64
 
 
 @dataclass

@@ -114,11 +114,12 @@ class StreamPool:
     # ------------------------------------------------------------------ state tensors
     def _init_tensors(self, n: int) -> dict[str, Tensor]:
         cfg, s = self.cfg, self.settings
-        dev = next(self.model.parameters()).device
-        f32, f64 = dict(dtype=torch.float32, device=dev), dict(dtype=torch.float64, device=dev)
+        param = next(self.model.parameters())
+        dev = param.device
+        act, f64 = dict(dtype=param.dtype, device=dev), dict(dtype=torch.float64, device=dev)
         t = {
-            "tail": torch.zeros(n, self.tail_len, **f32),
-            "hist": torch.zeros(n, self.pos_left + s.lookahead, cfg.embed_dim, **f32),
+            "tail": torch.zeros(n, self.tail_len, **act),
+            "hist": torch.zeros(n, self.pos_left + s.lookahead, cfg.embed_dim, **act),
             "kpos": torch.full((n, self.ring), EMPTY_POS, dtype=torch.long, device=dev),
         }
         if self.model.frontend.group_norm:
@@ -129,11 +130,11 @@ class StreamPool:
             t |= {"wav_sum": torch.zeros(n, **f64), "wav_sq": torch.zeros(n, **f64),
                   "wav_count": torch.zeros(n, **f64)}
         for i in range(self.depth):
-            t[f"k{i}"] = torch.zeros(n, cfg.num_heads, self.ring, cfg.head_dim, **f32)
-            t[f"v{i}"] = torch.zeros(n, cfg.num_heads, self.ring, cfg.head_dim, **f32)
+            t[f"k{i}"] = torch.zeros(n, cfg.num_heads, self.ring, cfg.head_dim, **act)
+            t[f"v{i}"] = torch.zeros(n, cfg.num_heads, self.ring, cfg.head_dim, **act)
         if s.xvector is not None and self.model.xvector is not None:
             rf = cfg.xvector.receptive_field  # type: ignore[union-attr]
-            t["tdnn_in"] = torch.zeros(n, rf - 1, cfg.xvector.projector_dim, **f32)  # type: ignore[union-attr]
+            t["tdnn_in"] = torch.zeros(n, rf - 1, cfg.xvector.projector_dim, **act)  # type: ignore[union-attr]
         return t
 
     # ------------------------------------------------------------------ stream lifecycle
@@ -254,7 +255,7 @@ class StreamPool:
         started = [st.started for st in states]
 
         # 1-2: waveform normalisation and the CNN over tail + new samples
-        raw = torch.from_numpy(np.stack(new)).to(t["tail"].device)
+        raw = torch.from_numpy(np.stack(new)).to(t["tail"].device, t["tail"].dtype)
         wav = self._normalize(raw, t) if cfg.normalize else raw
         segment = torch.cat([t["tail"], wav], 1) if all(started) else wav
         n_old0 = self._conv0_frames(self.tail_len) if all(started) else 0
@@ -349,7 +350,7 @@ class StreamPool:
         t["wav_count"] += torch.where(upd, float(x.shape[1]), 0.0)
         mean = t["wav_sum"] / t["wav_count"]
         var = (t["wav_sq"] / t["wav_count"] - mean * mean).clamp_min(0.0)
-        return ((x - mean[:, None]) / torch.sqrt(var[:, None] + self.cfg.normalize_eps)).float()
+        return ((x - mean[:, None]) / torch.sqrt(var[:, None] + self.cfg.normalize_eps)).to(raw.dtype)
 
     def _gn_stats(self, y0_new: Tensor, t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Add the new conv-0 frames to the GroupNorm sums (unless frozen) and return (mean, var)."""
