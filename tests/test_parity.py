@@ -94,14 +94,10 @@ def test_long_input_front_end_in_blocks_matches(hf_models):
     wav = torch.randn(1, 16000 * 3) * 0.1
     with torch.no_grad():
         ref = ref_model(wav, output_hidden_states=True)
-        whole = ours.cnn(wav)
-        old = wavlm_module.FRONTEND_BLOCK_FRAMES
-        wavlm_module.FRONTEND_BLOCK_FRAMES = 40
-        try:
-            blocked = ours.cnn(wav, block_frames=40)
-            out = ours(wav)
-        finally:
-            wavlm_module.FRONTEND_BLOCK_FRAMES = old
+        whole = ours.cnn(wav, block_frames=10**6)  # one pass, GroupNorm over the tensor itself
+        blocked = ours.cnn(wav, block_frames=40)
+        out = ours(wav)  # blocks of FRONTEND_BLOCK_FRAMES
+    assert ours.cfg.num_frames(wav.shape[1]) > wavlm_module.FRONTEND_BLOCK_FRAMES
     assert blocked.shape == whole.shape
     assert (blocked - whole).abs().max() < 1e-5
     _compare(ref.hidden_states, out.hidden_states)
