@@ -20,7 +20,9 @@ lint: setup
 	@.venv/bin/ruff check .
 
 bench: setup
-	@$(PY) benchmarks/bench_offline.py
+	@$(PY) benchmarks/bench_offline.py --out benchmarks/results/offline.md
+	@$(PY) benchmarks/bench_streaming.py --out benchmarks/results/streaming.md
+	@$(PY) benchmarks/bench_mqtt.py --out benchmarks/results/mqtt.md
 
 clean:
 	rm -rf .venv out .pytest_cache .ruff_cache
