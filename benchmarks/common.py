@@ -53,9 +53,9 @@ def hf_model(size: str, seed: int = 0):
 
 def ours_from_hf(model, directory: Path):
     """Our model with the same weights, through a real HF directory and our loader."""
-    from streamwavlm.checkpoint import load_model
-
     import json
+
+    from streamwavlm.checkpoint import load_model
 
     model.save_pretrained(directory)
     # transformers' WavLMModel never normalises the waveform; say so, so both see the same input
