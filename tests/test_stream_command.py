@@ -82,3 +82,44 @@ def test_embedded_broker_and_listen_output(hf_models, tmp_path):
     assert "broker: embedded, mqtt://127.0.0.1:" in out
     assert "sample/embeddings seq 0: frames 0..24" in out
     assert "subscriber received 23 messages" in out and "dropped 0 samples" in out
+
+
+def test_xvectors_are_published(speech, tmp_path, mosquitto):
+    from conftest import perturb_, save_hf_model, tiny_hf_config
+    from transformers import WavLMForXVector
+
+    from streamwavlm.streaming import XVectorSettings
+
+    cfg = tiny_hf_config("base", use_weighted_layer_sum=True, tdnn_dim=(24, 24, 24, 24, 48), xvector_output_dim=16)
+    directory = save_hf_model(perturb_(WavLMForXVector(cfg), seed=4), tmp_path / "sv")
+    wav = speech[:24000]
+    sf.write(tmp_path / "in.wav", wav.numpy(), 16000, subtype="FLOAT")
+    pool = StreamPool(load_model(directory), StreamSettings(chunk=8, left=20, xvector=XVectorSettings(30, 10)))
+    slot = pool.open("x")
+    pool.push(slot, wav)
+    expected = [v for o in pool.run(slot) + pool.close(slot) for v in o.xvectors]
+    argv = ["stream", "--checkpoint", str(directory), "--input", str(tmp_path / "in.wav"), "--broker", mosquitto.url,
+            "--prefix", "t", "--chunk", "8", "--left", "20", "--xvector", "30,10"]
+
+    async def main() -> list[EmbeddingMessage]:
+        got: list[EmbeddingMessage] = []
+        subscribed = asyncio.Event()
+
+        async def listen() -> None:
+            async for item in subscribe(mosquitto.url, "t", kinds=("xvector",), on_subscribed=subscribed.set):
+                if isinstance(item, EmbeddingMessage):
+                    got.append(item)
+                    if len(got) == len(expected):
+                        return
+
+        task = asyncio.create_task(listen())
+        await asyncio.wait_for(subscribed.wait(), 10)
+        assert await stream(build_parser().parse_args(argv)) == 0
+        await asyncio.wait_for(task, 15)
+        return got
+
+    got = asyncio.run(main())
+    assert len(expected) >= 3
+    for m, (end, vec) in zip(got, expected, strict=True):
+        assert m.kind == "xvector" and m.first_frame == end and m.data.shape == (16,)
+        assert torch.equal(torch.from_numpy(m.data), vec)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -97,7 +98,7 @@ async def stream(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, model.cfg)
     if args.xvector:
         window, hop = (int(x) for x in args.xvector.split(","))
-        settings = settings.__class__(**{**settings.__dict__, "xvector": XVectorSettings(window, hop)})
+        settings = dataclasses.replace(settings, xvector=XVectorSettings(window, hop))
         settings.validate(model.cfg)
     console.print(f"[bold]model[/]: {description}")
     model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
