@@ -240,3 +240,30 @@ def test_streaming_xvectors_equal_pooling_the_reference(tmp_path, speech, window
             expected = head.pool(tdnn[max(0, e - window):e][None])[0]
         assert torch.nn.functional.cosine_similarity(emb, expected, dim=0) > 0.9999
         assert (emb - expected).abs().max() < 1e-4
+
+
+@pytest.mark.heavy
+def test_an_hour_of_audio_keeps_a_flat_footprint(models):
+    """One hour through a tiny model: resident memory after the first minutes stays flat to the end."""
+    from pathlib import Path
+
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    model = models["base"]
+    pool = StreamPool(model, StreamSettings(chunk=50, left=250, lookahead=8))
+    slot = pool.open("hour")
+    rng = np.random.default_rng(0)
+    block = rng.standard_normal(16000 * 10).astype(np.float32) * 0.1
+    frames, marks = 0, []
+    for minute in range(60):
+        for _ in range(6):
+            pool.push(slot, block)
+            frames += sum(o.num_frames for o in pool.run(slot))
+        if minute in (5, 59):
+            marks.append(rss_mb())
+    assert frames >= 3600 * 50 - 100
+    assert marks[1] - marks[0] < 20, marks
