@@ -103,7 +103,8 @@ class Engine:
     """Runs many audio sources through one :class:`StreamPool`; call :meth:`add` then :meth:`drain`."""
 
     def __init__(self, pool: StreamPool, sinks: list[Sink] | None = None, *, max_backlog: float = 2.0,
-                 policy: OverloadPolicy = "drop_oldest") -> None:
+                 policy: OverloadPolicy = "drop_oldest",
+                 on_status: Callable[[StreamStatus], None] | None = None, keep_finished: int = 1000) -> None:
         if policy not in ("drop_oldest", "shed"):
             raise ValueError(f"unknown overload policy {policy!r}; use drop_oldest or shed")
         self.pool = pool
@@ -111,7 +112,9 @@ class Engine:
         self.max_backlog = int(max_backlog * SAMPLE_RATE)
         self.policy = policy
         self.streams: dict[str, _Stream] = {}
-        self.finished: dict[str, StreamStatus] = {}
+        self.finished: dict[str, StreamStatus] = {}  # the last ``keep_finished`` ended streams
+        self.keep_finished = keep_finished
+        self.on_status = on_status  # told when a stream starts and when it ends (e.g. to publish its status)
         self.step_times: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._wake = asyncio.Event()
@@ -143,6 +146,8 @@ class Engine:
         stream = _Stream(StreamStatus(stream_id), source, slot, live=live)
         self.streams[stream_id] = stream
         stream.task = asyncio.create_task(self._read(stream), name=f"source-{stream_id}")
+        if self.on_status is not None:
+            self.on_status(stream.status)
         return stream.status
 
     async def drain(self) -> None:
@@ -271,6 +276,10 @@ class Engine:
             await stream.source.close()
         del self.streams[st.stream_id]
         self.finished[st.stream_id] = st
+        while len(self.finished) > self.keep_finished:
+            del self.finished[next(iter(self.finished))]
+        if self.on_status is not None:
+            self.on_status(st)
 
     async def _deliver(self, outputs: list[ChunkOutput]) -> None:
         now_mono, now_wall = time.monotonic(), time.time()

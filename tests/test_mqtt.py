@@ -818,3 +818,19 @@ def test_listen_command_unreachable_broker_exits_2(capsys: pytest.CaptureFixture
     assert "cannot connect to MQTT broker" in capsys.readouterr().err
     assert arun(listen.run(_listen_args("--broker", "http://nowhere"))) == 2
     assert "scheme 'http'" in capsys.readouterr().err
+
+
+def test_client_sockets_have_tcp_nodelay(mosquitto) -> None:
+    """Nagle's algorithm would make each tens-of-KB payload wait for the previous one's ACK."""
+    import socket as socket_module
+
+    from streamwavlm.mqtt.connection import Connection
+
+    async def main() -> int:
+        conn = Connection.create(mosquitto.url, username=None, password=None, protocol=None, tls=None, timeout=5,
+                                 keepalive=30)
+        async with conn.client("nodelay-check") as client:
+            return client._client.socket().getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY)
+
+    assert asyncio.run(main()) == 1
+    assert "set_tcp_nodelay true" in mosquitto.config_file.read_text()

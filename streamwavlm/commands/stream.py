@@ -52,6 +52,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=lambda args: asyncio.run(stream(args)))
 
 
+def _stop_on_sigint(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
+    """Let Ctrl-C end the run cleanly (flush, offline statuses); False where signals cannot be caught."""
+    try:
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signal support
+        return False
+    return True
+
+
 async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[object, str, bool]]:
     """Yield (source, stream id, live) for the input spec; network inputs yield one per client."""
     if spec.startswith("ws://"):
@@ -91,7 +100,8 @@ async def _listen(broker: str, prefix: str, console: Console, latencies: list[fl
                           f"latency {latency * 1000:.0f} ms")
 
 
-async def stream(args: argparse.Namespace) -> int:
+async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    """Run the main job until the input ends, ``--seconds`` pass, Ctrl-C, or ``stop`` is set."""
     console = Console()
     torch.set_grad_enabled(False)
     model, description = model_from_setting(args.checkpoint)
@@ -103,13 +113,13 @@ async def stream(args: argparse.Namespace) -> int:
     console.print(f"[bold]model[/]: {description}")
     model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
     spec = args.input or str(bundled_sample())
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError):
-        loop.add_signal_handler(signal.SIGINT, stop.set)
     if args.seconds:
         loop.call_later(args.seconds, stop.set)
     async with contextlib.AsyncExitStack() as stack:
+        if _stop_on_sigint(loop, stop):
+            stack.callback(loop.remove_signal_handler, signal.SIGINT)
         broker = args.broker
         if broker is None:
             broker = await stack.enter_async_context(EmbeddedBroker())
@@ -125,14 +135,14 @@ async def stream(args: argparse.Namespace) -> int:
         sink = MqttSink(publisher, model_id, 16000 / model.cfg.hop, args.dtype)
         pool = StreamPool(model, settings, capacity=args.capacity)
         engine = await stack.enter_async_context(
-            Engine(pool, [sink], max_backlog=args.max_backlog, policy=args.overload))
+            Engine(pool, [sink], max_backlog=args.max_backlog, policy=args.overload, on_status=sink.status))
         console.print(f"[bold]streaming[/]: {spec} -> {broker} under '{args.prefix}/<stream>/embeddings'; "
                       f"chunk {settings.chunk}, left {settings.left}, lookahead {settings.lookahead}: algorithmic "
                       f"latency {settings.latency_ms(model.cfg):.0f} ms")
 
         async def accept() -> None:
             async for source, stream_id, live in _sources(spec, args):
-                sink.status(engine.add(source, stream_id, live=live))  # type: ignore[arg-type]
+                engine.add(source, stream_id, live=live)  # type: ignore[arg-type]
 
         acceptor = asyncio.create_task(accept())
         network = spec.startswith(("ws://", "mqtt://"))
@@ -145,8 +155,6 @@ async def stream(args: argparse.Namespace) -> int:
         for s in list(engine.streams.values()):
             await s.source.close()
         await engine.drain()
-        for st in engine.finished.values():
-            sink.status(st)
         await publisher.flush(10)
         if listener is not None:
             await asyncio.sleep(0.5)

@@ -106,6 +106,7 @@ class Mosquitto:
             f"log_dest file {self.log_file}",
             "log_type error", "log_type warning", "log_type notice", "log_type information",
             f"max_queued_messages {self.max_queued_messages}",
+            "set_tcp_nodelay true",  # embedding payloads are tens of KB: don't wait for the previous ACK
             *self.extra_config,
         ]
         if os.geteuid() == 0:
