@@ -53,18 +53,22 @@ def gated_rel_attention(
     k_len: Tensor | None = None,
     chunk: int | None = None,
     left: int | None = None,
+    memo: dict | None = None,
 ) -> Tensor:
     """Attention output ``(B, H, Tq, d)`` in the dtype of ``q``.
 
     Shapes: q ``(B, H, Tq, d)``; k, v ``(B, H, Tk, d)``; gate ``(B, H, Tq)``; table ``(H, 2M+1)`` fp32;
     q_pos ``(B, Tq)`` and k_pos ``(B, Tk)`` absolute frame indices; k_len ``(B,)`` valid keys per row.
-    ``chunk``/``left`` select the streaming block mask (``left=None``: unlimited left context).
+    ``chunk``/``left`` select the streaming block mask (``left=None``: unlimited left context). ``memo``: a
+    dict shared by calls with the same positions and mask (the layers of one forward), where the torch
+    backend keeps the bias gathers and masks it derives from them instead of redoing them per layer.
     """
     if attention_backend(q.device) == "triton":
         from .triton_gated_attention import gated_rel_attention_triton
 
         return gated_rel_attention_triton(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left)
-    return gated_rel_attention_torch(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left)
+    return gated_rel_attention_torch(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left,
+                                     memo=memo)
 
 
 def allowed_keys(
@@ -98,6 +102,7 @@ def gated_rel_attention_torch(
     chunk: int | None = None,
     left: int | None = None,
     block_q: int = 128,
+    memo: dict | None = None,
 ) -> Tensor:
     """The reference implementation, evaluated ``block_q`` queries at a time.
 
@@ -114,29 +119,49 @@ def gated_rel_attention_torch(
     kt = k.transpose(-1, -2).float()
     vf = v.float()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    neg = torch.finfo(torch.float32).min
-    ext = _diagonal_bias(table, tk, max_d) if _consecutive(q_pos, k_pos) else None
+    memo = {} if memo is None else memo
+    if "ext" not in memo:
+        memo["ext"] = _diagonal_bias(table, tk, max_d) if _consecutive(q_pos, k_pos) else None
+    ext = memo["ext"]
     for s in range(0, tq, block_q):
         e = min(s + block_q, tq)
-        mask = allowed_keys(q_pos[:, s:e], k_pos, k_len, chunk, left)
-        if ext is not None:  # rows in reversed order: row r is query e-1-r, whose bias starts at tk-e+r
-            bias = ext.as_strided((heads, e - s, tk), (ext.stride(0), 1, 1), tk - e)
-            qb, gb = q[:, :, s:e].flip(2), gate[:, :, s:e].flip(2)
-            mask = None if mask is None else mask.flip(1)
-        else:
-            dist = (k_pos[:, None, :] - q_pos[:, s:e, None]).clamp_(-max_d, max_d).add_(max_d)
-            bias = table[:, dist].permute(1, 0, 2, 3)  # (B, H, blk, Tk)
-            qb, gb = q[:, :, s:e], gate[:, :, s:e]
+        if s not in memo:
+            memo[s] = _block_terms(table, q_pos[:, s:e], k_pos, k_len, chunk, left, ext, heads, max_d)
+        bias, mask_add, empty = memo[s]
+        qb, gb = (q[:, :, s:e].flip(2), gate[:, :, s:e].flip(2)) if ext is not None else (q[:, :, s:e], gate[:, :, s:e])
         scores = torch.matmul(qb.float() * scale, kt)
         scores.addcmul_(gb[..., None].float(), bias)
-        if mask is not None:
-            scores.masked_fill_(~mask[:, None], neg)
+        if mask_add is not None:
+            scores.add_(mask_add)
         probs = torch.softmax(scores, dim=-1)
-        if mask is not None:  # a query with no allowed key gives 0 (as the Triton kernel), not a mean of v
-            probs.masked_fill_(~mask.any(-1, keepdim=True)[:, None], 0.0)
+        if empty is not None:  # a query with no allowed key gives 0 (as the Triton kernel), not a mean of v
+            probs.masked_fill_(empty, 0.0)
         block = torch.matmul(probs, vf)
         out[:, :, s:e] = block.flip(2) if ext is not None else block
     return out
+
+
+def _block_terms(
+    table: Tensor, q_pos: Tensor, k_pos: Tensor, k_len: Tensor | None, chunk: int | None, left: int | None,
+    ext: Tensor | None, heads: int, max_d: int,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """For one block of queries: the ungated bias, the additive mask (0 or the fp32 minimum) and the rows
+    without any allowed key; rows in reversed order when ``ext`` (the offline diagonal bias) is used."""
+    tq, tk = q_pos.shape[1], k_pos.shape[1]
+    mask = allowed_keys(q_pos, k_pos, k_len, chunk, left)
+    if ext is not None:  # row r is query tq-1-r of the block, whose bias starts at column tk-(start+tq)+r
+        end = int((q_pos[0, -1] - k_pos[0, 0]).item()) + 1
+        bias = ext.as_strided((heads, tq, tk), (ext.stride(0), 1, 1), tk - end)
+        mask = None if mask is None else mask.flip(1)
+    else:
+        dist = (k_pos[:, None, :] - q_pos[:, :, None]).clamp_(-max_d, max_d).add_(max_d)
+        bias = table[:, dist].permute(1, 0, 2, 3)  # (B, H, blk, Tk)
+    if mask is None:
+        return bias, None, None
+    mask_add = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    mask_add.masked_fill_(~mask, torch.finfo(torch.float32).min)
+    empty = ~mask.any(-1, keepdim=True)
+    return bias, mask_add[:, None], (empty[:, None] if bool(empty.any()) else None)
 
 
 def _consecutive(q_pos: Tensor, k_pos: Tensor) -> bool:

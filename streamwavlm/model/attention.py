@@ -9,7 +9,7 @@ themselves keep the checkpoint's layout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ class AttentionContext:
     k_len: Tensor | None = None  # (B,) valid keys per row (padding / partly filled caches)
     chunk: int | None = None  # streaming block mask: chunk size in frames
     left: int | None = None  # ... and left context in frames (None: unlimited)
+    memo: dict = field(default_factory=dict)  # what the attention derives from the positions, shared by layers
 
 
 class SelfAttention(nn.Module):
@@ -88,6 +89,6 @@ class SelfAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, ctx: AttentionContext) -> Tensor:
         """Attention of projected queries over keys/values ``(B, H, Tk, hd)``, then the output projection."""
         out = gated_rel_attention(q, k, v, gate, ctx.table, ctx.q_pos, ctx.k_pos,
-                                  k_len=ctx.k_len, chunk=ctx.chunk, left=ctx.left)
+                                  k_len=ctx.k_len, chunk=ctx.chunk, left=ctx.left, memo=ctx.memo)
         b, h, t, hd = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, h * hd))
