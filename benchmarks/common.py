@@ -34,7 +34,16 @@ def _status_kb(field: str) -> int:
 
 
 def peak_memory_mb(fn: Callable[[], object]) -> float:
-    """Peak resident memory ``fn`` adds above the current RSS (Linux: resets VmHWM via clear_refs)."""
+    """Peak resident memory ``fn`` adds above the current RSS (Linux: resets VmHWM via clear_refs).
+
+    Memory freed by an earlier call is first given back to the system (glibc ``malloc_trim``); otherwise
+    it stays resident, a later call reuses it without raising the high-water mark, and reads as free.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     base = _status_kb("VmRSS")
     fn()
