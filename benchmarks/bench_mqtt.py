@@ -343,7 +343,7 @@ async def main_async(args: argparse.Namespace) -> list[str]:
         f"broker and subscriber share the CPUs. {args.seconds:g} s per row, counted from the start (each stream's "
         "first status report included); N doubles until the publisher does not keep up (outbox overflow, or a "
         f"backlog over {args.max_lag:g} s of production), then one row halfway back. Delay: production to the "
-        "subscriber's receipt. Sockets: as shipped (Nagle on), or TCP_NODELAY on the clients and in mosquitto.",
+        "subscriber's receipt. Every socket has TCP_NODELAY (as shipped).",
         "",
         *a,
         "",

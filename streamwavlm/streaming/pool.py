@@ -56,9 +56,7 @@ class _Slot:
     stream_id: str
     pending: deque[np.ndarray] = field(default_factory=deque)
     pending_len: int = 0
-    samples_in: int = 0  # samples pushed since the start
     started: bool = False  # first step (with its lookahead) done
-    cnn_frames: int = 0  # CNN frames computed
     frames_out: int = 0  # encoder frames emitted (= next chunk start)
     tdnn_frames: int = 0  # TDNN frames computed (x-vectors)
     next_xvector: int = 0  # TDNN frame count at which the next x-vector is due
@@ -166,7 +164,6 @@ class StreamPool:
         if len(x):
             st.pending.append(x.copy())
             st.pending_len += len(x)
-            st.samples_in += len(x)
 
     def reset(self, slot: int) -> None:
         """Forget everything about the stream in ``slot`` (caches, statistics, queued audio)."""
@@ -264,8 +261,6 @@ class StreamPool:
         if segment.shape[1] >= self.tail_len:
             t["tail"].copy_(segment[:, segment.shape[1] - self.tail_len:])
         x_new = model.projection(feats)  # (B, n_cnn, D)
-        for st in states:
-            st.cnn_frames += x_new.shape[1]
 
         # 3: positional convolution over [64 history | chunk | lookahead]
         hist = t["hist"] if all(started) else t["hist"][:, s.lookahead:]
