@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import hf_model, median_time, ours_from_hf, peak_memory_mb, speech
+from common import finish, hf_model, median_time, ours_from_hf, peak_memory_mb, speech
 
 
 def main() -> None:
@@ -49,10 +49,7 @@ def main() -> None:
                     f"{m_ref / max(m_ours, 1):.1f}x | {diff:.1e} |")
             print(line, flush=True)
             lines.append(line)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    finish(lines, args.out)
 
 
 if __name__ == "__main__":

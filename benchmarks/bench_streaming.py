@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import hf_model, median_time, ours_from_hf, speech
+from common import finish, hf_model, median_time, ours_from_hf, speech
 
 from streamwavlm.streaming import StreamPool, StreamSettings
 
@@ -90,10 +90,7 @@ def main() -> None:
                 f"{total / secs / n:.3f} | {total / secs:.3f} |")
         print(line, flush=True)
         lines.append(line)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    finish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -80,3 +80,11 @@ def speech(seconds: float) -> torch.Tensor:
     wav = read_wav(str(bundled_sample()))
     n = int(seconds * 16000)
     return wav.repeat(n // wav.numel() + 1)[:n].clone()
+
+
+def finish(lines: list[str], out: Path | None) -> None:
+    """Print the report and, when asked, write it where ``--out`` says."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        out.write_text(text)
