@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(espeak-ng sox mosquitto mosquitto-clients libportaudio2 libsndfile1 libasound2-plugins pulseaudio pulseaudio-utils)
+APT_PACKAGES=(espeak-ng sox mosquitto mosquitto-clients libportaudio2 libsndfile1 libasound2-plugins pulseaudio pulseaudio-utils tmux openssl)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
