@@ -90,3 +90,15 @@ def pulse_mic(monkeypatch):
     refresh_devices()  # PortAudio lists devices once; the 'pulse' device needs the server up
     yield mic
     mic.stop()
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A fresh mosquitto on a free loopback port (stopped by PID afterwards)."""
+    from streamwavlm.mqtt import Mosquitto
+    from streamwavlm.mqtt.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed (apt mosquitto)")
+    with Mosquitto(workdir=tmp_path / "broker") as broker:
+        yield broker

@@ -79,15 +79,6 @@ def make(seq: int, *, stream: str = "mic0", dtype: type = np.float32, shape: tup
                             "wavlm-test", layers, rng.standard_normal(shape).astype(dtype), epoch)
 
 
-@pytest.fixture
-def mosquitto(tmp_path: Path):
-    """A fresh mosquitto on a free loopback port (stopped by PID afterwards)."""
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not installed")
-    with Mosquitto(workdir=tmp_path / "broker") as broker:
-        yield broker
-
-
 class Collector:
     """Runs ``subscribe()`` in a task, keeps every item, and lets the test wait for a condition."""
 

@@ -19,17 +19,8 @@ from streamwavlm.checkpoint import load_model
 from streamwavlm.cli import build_parser
 from streamwavlm.commands.stream import AUDIO_PREFIX, stream
 from streamwavlm.engine import Engine
-from streamwavlm.mqtt import EmbeddingMessage, Mosquitto, Status, subscribe
-from streamwavlm.mqtt.broker import find_mosquitto
+from streamwavlm.mqtt import EmbeddingMessage, Status, subscribe
 from streamwavlm.streaming import StreamPool
-
-
-@pytest.fixture
-def mosquitto(tmp_path):
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not installed")
-    with Mosquitto(workdir=tmp_path / "broker") as broker:
-        yield broker
 
 
 @pytest.fixture(scope="module")

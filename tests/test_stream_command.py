@@ -15,17 +15,8 @@ import torch
 from streamwavlm.checkpoint import load_model
 from streamwavlm.cli import build_parser
 from streamwavlm.commands.stream import stream
-from streamwavlm.mqtt import EmbeddingMessage, Mosquitto, subscribe
-from streamwavlm.mqtt.broker import find_mosquitto
+from streamwavlm.mqtt import EmbeddingMessage, subscribe
 from streamwavlm.streaming import StreamPool, StreamSettings
-
-
-@pytest.fixture
-def mosquitto(tmp_path):
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto not installed")
-    with Mosquitto(workdir=tmp_path / "broker") as broker:
-        yield broker
 
 
 def expected_frames(directory, wav, settings: StreamSettings) -> list[torch.Tensor]:

@@ -155,20 +155,7 @@ class WavLM(nn.Module):
             k_len = frame_lengths.to(x.device)
             valid = torch.arange(t, device=x.device)[None, :] < k_len[:, None]
             x = x * valid[:, :, None]
-        return self.encode(x, k_len, frame_lengths)
-
-    def encode(
-        self,
-        x: Tensor,
-        k_len: Tensor | None = None,
-        frame_lengths: Tensor | None = None,
-        chunk: int | None = None,
-        left: int | None = None,
-    ) -> WavLMOutput:
-        """Run the encoder on projected features ``(B, T, D)``; ``chunk``/``left`` apply the streaming
-        block mask (the masked-offline reference of the streaming encoder)."""
-        return self.transformer(self.encoder.input_norm(self.encoder.pos_conv(x)), k_len, frame_lengths,
-                                chunk, left)
+        return self.transformer(self.encoder.input_norm(self.encoder.pos_conv(x)), k_len, frame_lengths)
 
     def transformer(
         self,
@@ -178,7 +165,9 @@ class WavLM(nn.Module):
         chunk: int | None = None,
         left: int | None = None,
     ) -> WavLMOutput:
-        """The Transformer layers over the encoder input ``h_0 (B, T, D)`` (after the positional conv)."""
+        """The Transformer layers over the encoder input ``h_0 (B, T, D)`` (after the positional conv);
+        ``chunk``/``left`` apply the streaming block mask (the masked offline reference of the streaming
+        encoder)."""
         enc = self.encoder
         b, t, _ = x.shape
         pos = torch.arange(t, device=x.device).expand(b, t)
