@@ -221,9 +221,22 @@ def _check_tensors(state: Any, source: str) -> dict[str, Tensor]:
     return state
 
 
+def _local(path: str | Path) -> Path:
+    """The local path of a checkpoint given as a path, a registry name (``wavlm-base-plus``) or a Hub
+    repository id (``microsoft/wavlm-base-plus``), fetched into the download cache when needed."""
+    from .download import resolve
+    from .errors import DownloadError
+
+    try:
+        return resolve(str(path))
+    except DownloadError as e:
+        raise CheckpointError(str(e)) from e
+
+
 def read_checkpoint(path: str | Path) -> RawCheckpoint:
-    """Read either format (an HF directory, its ``config.json``, or an original ``.pt`` file)."""
-    p = Path(path)
+    """Read either format (an HF directory, its ``config.json``, or an original ``.pt`` file), given as a
+    path or a model name (see :func:`_local`)."""
+    p = _local(path)
     if p.is_file() and p.name == "config.json":
         p = p.parent
     if p.is_dir():
@@ -237,7 +250,8 @@ def read_checkpoint(path: str | Path) -> RawCheckpoint:
             state.update(_check_tensors(loaded, str(f)))
         return RawCheckpoint(HF, config, state, str(p))
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
+        raise CheckpointError(f"{p}: no such file or directory, nor a model name (`streamwavlm download --list`) "
+                              "or Hub repository id OWNER/NAME")
     if p.suffix == ".safetensors":
         raise CheckpointError(f"{p}: a bare safetensors file has no config; pass the directory with config.json")
     obj = _torch_load(p)

@@ -1,13 +1,17 @@
-"""``streamwavlm download NAME``: fetch a released WavLM checkpoint into a local cache, verified.
+"""``streamwavlm download NAME``: fetch a released WavLM checkpoint into a local cache, verified; and
+:func:`resolve`, which turns a model name into the local path that ``load_model`` reads.
 
-The checkpoints are 380 MB to 1.3 GB, so a download resumes (HTTP ``Range``) instead of restarting, is
-checked against a known or server-declared size and sha256 before it replaces anything, and records what it
-verified in a manifest next to the files so ``--verify`` can re-check them later without network. Only
-urllib is used: downloading must work in a bare install, behind the same ``https_proxy`` as everything else.
+Hugging Face repositories go through huggingface_hub (``hub.py``): its cache, offline mode, tokens and
+endpoint are what our users already have configured. The original unilm ``.pt`` files are not on the Hub:
+they come from a signed Azure URL, fetched here with urllib. They are 380 MB to 1.3 GB, so a download
+resumes (HTTP ``Range``) instead of restarting, is checked against a known or server-declared size and
+sha256 before it replaces anything, and records what it verified in a manifest next to the file so
+``--verify`` can re-check it later without network.
 
-Cache layout: ``<root>/<NAME>/<file>`` plus ``<root>/<NAME>/manifest.json``, root being ``--cache-dir``,
-``$STREAMWAVLM_CACHE`` or ``~/.cache/streamwavlm``. A mirror given with ``--base-url`` serves the same
-layout (``<base>/<NAME>/<file>``), so a copy of a cache directory behind any static file server is a mirror.
+Cache layout of the ``.pt`` files: ``<root>/<NAME>/<file>`` plus ``<root>/<NAME>/manifest.json``, root being
+``--cache-dir``, ``$STREAMWAVLM_CACHE`` or ``~/.cache/streamwavlm``. A mirror given with ``--base-url`` serves
+the same layout (``<base>/<NAME>/<file>``), so a copy of a cache directory behind any static file server is a
+mirror. Hub models live in the Hugging Face cache (``--cache-dir``, else ``$HF_HUB_CACHE`` / ``$HF_HOME``).
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ from http.client import HTTPException, HTTPResponse
 from pathlib import Path
 from typing import IO, Any
 
+from . import hub
+from .errors import DownloadError, IntegrityError, NetworkError
+from .progress import Bar
+
 CACHE_ENV = "STREAMWAVLM_CACHE"
 BASE_URL_ENV = "STREAMWAVLM_DOWNLOAD_BASE_URL"
-HF_ENDPOINT_ENV = "HF_ENDPOINT"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -47,16 +54,7 @@ Manifest = dict[str, Any]
 Entry = dict[str, Any]
 
 
-class DownloadError(RuntimeError):
-    """A download that produced no verified file; the message says what happened and what to do next."""
-
-
-class NetworkError(DownloadError):
-    """The server could not be reached at all (no network, DNS failure, connection refused, timeout)."""
-
-
-class IntegrityError(DownloadError):
-    """A file whose size or sha256 is not the expected one; it is never left in place as a cached file."""
+__all__ = ["DownloadError", "IntegrityError", "NetworkError", "cached_path", "download", "resolve", "verify"]
 
 
 @dataclass(frozen=True)
@@ -67,40 +65,37 @@ class RemoteFile:
     name: str
     size: int | None = None
     sha256: str | None = None
-    url: str | None = None  # fixed source URL; None: the file of the model's Hugging Face repo
+    url: str | None = None  # fixed source URL (a mirror given with --base-url replaces it)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A released model: the files it needs, each a tuple of alternatives (the first the server has wins)."""
+    """A released model: a Hub repository (``hf_repo``, with any known sha256 per file in ``hf_sha256``), or
+    the files of an original checkpoint, each a tuple of alternatives (the first the server has wins)."""
 
     name: str
     summary: str
-    slots: tuple[tuple[RemoteFile, ...], ...]
+    slots: tuple[tuple[RemoteFile, ...], ...] = ()
     hf_repo: str | None = None
+    hf_sha256: tuple[tuple[str, str], ...] = ()
     note: str = ""  # caveats of the source, repeated in error messages
 
     @property
     def source(self) -> str:
         if self.hf_repo is not None:
-            return f"{_hf_endpoint()}/{self.hf_repo} (revision main)"
+            endpoint = os.environ.get(hub.ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT
+            return f"{endpoint.rstrip('/')}/{self.hf_repo} (revision {hub.REVISION})"
         return (self.slots[0][0].url or "").split("?", 1)[0]
 
     def local_path(self, model_dir: Path) -> Path:
-        """What ``--checkpoint`` takes: the directory of a Hub model, the file of an original checkpoint."""
-        return model_dir if self.hf_repo is not None else model_dir / self.slots[0][0].name
+        """What ``--checkpoint`` takes for an original checkpoint: its ``.pt`` file."""
+        return model_dir / self.slots[0][0].name
 
     def url(self, file: RemoteFile, base_url: str | None) -> str:
-        quote = urllib.parse.quote
-        if base_url:
-            return f"{base_url.rstrip('/')}/{quote(self.name)}/{quote(file.name)}"
-        if file.url is not None:
-            return file.url
-        return f"{_hf_endpoint()}/{self.hf_repo}/resolve/main/{quote(file.name)}"
-
-
-def _hf_endpoint() -> str:
-    return (os.environ.get(HF_ENDPOINT_ENV) or DEFAULT_HF_ENDPOINT).rstrip("/")
+        if base_url or file.url is None:
+            quote = urllib.parse.quote
+            return f"{(base_url or '').rstrip('/')}/{quote(self.name)}/{quote(file.name)}"
+        return file.url
 
 
 # ------------------------------------------------------------------------------------------------ registry
@@ -127,16 +122,10 @@ def _unilm(name: str, file: str, gdrive_id: str, summary: str) -> ModelSpec:
 
 
 def _hub(name: str, repo: str, summary: str, bin_sha256: str | None = None) -> ModelSpec:
-    # Each of these repos has preprocessor_config.json on main; it is required because its do_normalize
-    # decides the waveform normalisation (on for Large). main serves pytorch_model.bin (read with
-    # weights_only); the safetensors conversions exist only as unmerged pull requests (refs/pr/N) today, and
-    # are the fallback should a repo ever drop the .bin.
-    slots = (
-        (RemoteFile("config.json"),),
-        (RemoteFile("preprocessor_config.json"),),
-        (RemoteFile("pytorch_model.bin", sha256=bin_sha256), RemoteFile("model.safetensors")),
-    )
-    return ModelSpec(name, summary, slots, hf_repo=repo)
+    # The files are those of hub.REQUIRED and hub.WEIGHTS; main of these repos serves pytorch_model.bin (read
+    # with weights_only); their safetensors conversions exist only as unmerged pull requests today.
+    return ModelSpec(name, summary, hf_repo=repo,
+                     hf_sha256=(("pytorch_model.bin", bin_sha256),) if bin_sha256 else ())
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -160,10 +149,34 @@ REGISTRY: dict[str, ModelSpec] = {
 
 
 def _spec(name: str) -> ModelSpec:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise DownloadError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+    """The registry entry of ``name``, or an ad-hoc entry for any Hub repository id ``owner/name``."""
+    spec = REGISTRY.get(name)
+    if spec is not None:
+        return spec
+    if hub.is_repo_id(name):
+        return ModelSpec(name, "Hugging Face repository", hf_repo=name)
+    raise DownloadError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}, or a Hub repository id "
+                        "such as microsoft/wavlm-base-plus")
+
+
+def resolve(name: str, *, progress: bool = True) -> Path:
+    """The local path of a checkpoint given as a path, a registry NAME or a Hub repository id.
+
+    An existing path wins; a name is fetched into its cache if needed (see :func:`download`). This is what
+    ``load_model`` and every ``--checkpoint`` option call, so ``load_model("wavlm-base-plus")`` works.
+    """
+    path = Path(name).expanduser()
+    if path.exists() or not (name in REGISTRY or (hub.is_repo_id(name) and not _looks_like_path(path))):
+        return path
+    return download(name, progress=progress)
+
+
+_FILE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".json"}
+
+
+def _looks_like_path(path: Path) -> bool:
+    """A missing ``dir/file.pt`` is a mistyped path, not a Hub repository to download."""
+    return path.suffix in _FILE_SUFFIXES or path.parent.is_dir()
 
 
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -205,6 +218,9 @@ def _cached_choice(model_dir: Path, manifest: Manifest, slot: tuple[RemoteFile, 
 def cached_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path | None:
     """The local path of ``name`` if all its files are in the cache at their recorded size (no hashing)."""
     spec = _spec(name)
+    if spec.hf_repo is not None:
+        files = hub.repo_files(spec.hf_repo, Path(cache_dir) if cache_dir is not None else None)
+        return files[0].parent if files else None
     model_dir = cache_root(cache_dir) / spec.name
     manifest = _load_manifest(model_dir)
     if all(_cached_choice(model_dir, manifest, slot) for slot in spec.slots):
@@ -298,51 +314,6 @@ def _open(url: str, offset: int, timeout: float) -> tuple[HTTPResponse, _Declare
     return response, _declared(recorder.headers, response.headers, response.status)
 
 
-class _Progress:
-    """Progress of one file: a rich bar on a terminal, else a line every 10 % so that logs stay short."""
-
-    def __init__(self, label: str, total: int | None, done: int, stream: IO[str] | None) -> None:
-        self._label, self._total, self._stream = label, total, stream
-        self._next_pct = 0
-        self._rich: Any = None
-        if stream is None:
-            return
-        if stream.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                                  TransferSpeedColumn(), TimeRemainingColumn(), console=Console(file=stream))
-            self._task = self._rich.add_task(label, total=total, completed=done)
-            self._rich.start()
-        elif done:
-            print(f"streamwavlm: {label}: resuming at {done / 1e6:.1f} MB", file=stream, flush=True)
-        self.update(done)
-
-    def update(self, done: int) -> None:
-        if self._rich is not None:
-            self._rich.update(self._task, completed=done)
-        elif self._stream is not None and self._total:
-            pct = 100 * done // self._total
-            if pct >= self._next_pct:
-                print(f"streamwavlm: {self._label}: {pct:3d}% ({done / 1e6:.1f}/{self._total / 1e6:.1f} MB)",
-                      file=self._stream, flush=True)
-                self._next_pct = (pct // 10 + 1) * 10
-
-    def close(self, done: int) -> None:
-        if self._rich is not None:
-            self._rich.stop()
-        elif self._stream is not None and not self._total:
-            print(f"streamwavlm: {self._label}: {done / 1e6:.1f} MB", file=self._stream, flush=True)
-
-
 def _hash_file(path: Path) -> hashlib._Hash:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -396,7 +367,8 @@ def _check_declared(url: str, expected: RemoteFile, declared: _Declared) -> None
 
 def _receive(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Hash, received: int,
              total: int | None, url: str, stream: IO[str] | None) -> int:
-    progress = _Progress(part.name.removesuffix(".part"), total, received, stream)
+    progress = Bar(part.name.removesuffix(".part"), total, unit="B", done=received, stream=stream,
+                   show=None if stream is not None else False)
     try:
         with open(part, mode) as out:
             while True:
@@ -413,7 +385,7 @@ def _receive(response: HTTPResponse, part: Path, mode: str, hasher: hashlib._Has
                 received += len(chunk)
                 progress.update(received)
     finally:
-        progress.close(received)
+        progress.close()
 
 
 def _finish(part: Path, dest: Path, url: str, expected: RemoteFile, declared: _Declared, digest: str,
@@ -493,11 +465,15 @@ def download(name: str, cache_dir: str | os.PathLike[str] | None = None, base_ur
 
     Files the manifest records at their size are trusted without network; files put in the cache by hand
     are hashed and registered; the rest are downloaded (resuming any ``.part``) from ``base_url``,
-    ``$STREAMWAVLM_DOWNLOAD_BASE_URL``, or the official source (``$HF_ENDPOINT`` for the Hub). ``force``
-    discards cached and partial files first. Raises :class:`NetworkError` when the source cannot be
-    reached, :class:`IntegrityError` for a wrong file, :class:`DownloadError` otherwise.
+    ``$STREAMWAVLM_DOWNLOAD_BASE_URL``, or the official source. Hub models (a registry name or any
+    ``owner/name``) go through huggingface_hub into its cache, ``cache_dir`` replacing ``$HF_HUB_CACHE``.
+    ``force`` discards cached and partial files first. Raises :class:`NetworkError` when the source cannot
+    be reached, :class:`IntegrityError` for a wrong file, :class:`DownloadError` otherwise.
     """
     spec = _spec(name)
+    if spec.hf_repo is not None:
+        return hub.download_repo(spec.hf_repo, cache_dir, force=force, sha256=dict(spec.hf_sha256),
+                                 progress=progress, timeout=timeout)
     model_dir = cache_root(cache_dir) / spec.name
     base_url = base_url or os.environ.get(BASE_URL_ENV) or None
     stream = sys.stderr if progress else None
@@ -535,6 +511,8 @@ def verify(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     it again instead of trusting it; the :class:`IntegrityError` names every such file.
     """
     spec = _spec(name)
+    if spec.hf_repo is not None:
+        return hub.verify_repo(spec.hf_repo, cache_dir, dict(spec.hf_sha256))
     model_dir = cache_root(cache_dir) / spec.name
     manifest = _load_manifest(model_dir)
     files = [f for f in (_cached_choice(model_dir, manifest, slot) for slot in spec.slots) if f is not None]
@@ -571,8 +549,10 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         print(_registry_table(args.cache_dir))
         return 0
-    if args.name is None:
-        print("streamwavlm download: NAME is required (see --list)", file=sys.stderr)
+    if args.name is None or not (args.name in REGISTRY or hub.is_repo_id(args.name)):
+        given = f"unknown model {args.name!r}" if args.name else "NAME is required"
+        print(f"streamwavlm download: {given}; use one of {', '.join(REGISTRY)} (see --list) or a Hub "
+              "repository id OWNER/NAME", file=sys.stderr)
         return EXIT_USAGE
     try:
         if args.verify:
@@ -598,14 +578,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         epilog=f"Exit status: 0 ok, {EXIT_FAILED} failed (bad or incomplete file), {EXIT_USAGE} usage, "
         f"{EXIT_OFFLINE} source unreachable.",
     )
-    p.add_argument("name", nargs="?", choices=list(REGISTRY), metavar="NAME",
-                   help=f"model to fetch: {', '.join(REGISTRY)}")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help=f"model to fetch: {', '.join(REGISTRY)}, or any Hub repository id OWNER/NAME")
     p.add_argument("--list", action="store_true", help="print the registry and what is cached, then exit")
     p.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"cache root (default: ${CACHE_ENV} or ~/.cache/streamwavlm)")
+                   help=f"cache root (default: ${CACHE_ENV} or ~/.cache/streamwavlm for the .pt files, the "
+                   "Hugging Face cache ($HF_HOME, $HF_HUB_CACHE) for Hub models)")
     p.add_argument("--base-url", default=None,
-                   help=f"fetch BASE_URL/NAME/FILE instead of the official source (default: "
-                   f"${BASE_URL_ENV}); ${HF_ENDPOINT_ENV} replaces {DEFAULT_HF_ENDPOINT} for the Hub models")
+                   help=f"fetch the .pt files from BASE_URL/NAME/FILE instead of the official source (default: "
+                   f"${BASE_URL_ENV}); Hub models follow ${hub.ENDPOINT_ENV} (default {DEFAULT_HF_ENDPOINT})")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds to wait for a connection or for data (default: %(default)s)")
     mode = p.add_mutually_exclusive_group()
