@@ -74,10 +74,10 @@ def ours_from_hf(model, directory: Path):
 
 def speech(seconds: float) -> torch.Tensor:
     """``seconds`` of the bundled speech sample, repeated as needed."""
-    from streamwavlm.audio.validate import read_wav
+    from streamwavlm.audio.files import load_audio
     from streamwavlm.commands.common import bundled_sample
 
-    wav = read_wav(str(bundled_sample()))
+    wav = torch.from_numpy(load_audio(bundled_sample()))
     n = int(seconds * 16000)
     return wav.repeat(n // wav.numel() + 1)[:n].clone()
 

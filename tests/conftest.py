@@ -64,10 +64,10 @@ def hf_models(tmp_path_factory):
 @pytest.fixture(scope="session")
 def speech() -> torch.Tensor:
     """Two seconds of the bundled speech sample (real voiced audio, not noise)."""
-    from streamwavlm.audio.validate import read_wav
+    from streamwavlm.audio.files import load_audio
     from streamwavlm.commands.common import bundled_sample
 
-    return read_wav(str(bundled_sample()))[16000:48000].clone()
+    return torch.from_numpy(load_audio(bundled_sample())[16000:48000].copy())
 
 
 @pytest.fixture

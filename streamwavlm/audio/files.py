@@ -35,13 +35,23 @@ def _open(path: str | Path) -> sf.SoundFile:
         raise AudioError(f"{path}: cannot read audio ({e}); is it a WAV/FLAC/OGG file?") from e
 
 
-def load_audio(path: str | Path) -> np.ndarray:
-    """A whole file as float32 mono 16 kHz: channels averaged, resampled at once (the offline reference)."""
+def load_audio(path: str | Path, *, min_samples: int = 0) -> np.ndarray:
+    """A whole file as float32 mono 16 kHz: channels averaged, resampled at once.
+
+    The one loader of whole files (``run``, ``fidelity``, ``embed``, and the offline reference of
+    :class:`FileSource`), so every command accepts what ``stream`` accepts: any format libsndfile reads, any
+    rate, any channel count. ``min_samples``: refuse shorter audio (at 16 kHz) with an :class:`AudioError`,
+    e.g. the model's receptive field, below which it makes no frame at all.
+    """
     with _open(path) as f:
         data = f.read(dtype="float32", always_2d=True)
         rate = f.samplerate
     _check_finite(data, str(path), 0)
-    return resample(mixdown(data), rate)
+    samples = resample(mixdown(data), rate)
+    if len(samples) < min_samples:
+        raise AudioError(f"{path}: {len(samples)} samples at {SAMPLE_RATE} Hz ({len(samples) / SAMPLE_RATE * 1000:.0f}"
+                         f" ms) is too short: the model needs at least {min_samples} ({min_samples / 16:.0f} ms)")
+    return samples
 
 
 def _check_finite(frames: np.ndarray, source: str, at: int) -> None:

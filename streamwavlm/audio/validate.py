@@ -48,19 +48,6 @@ def to_float_mono(samples: np.ndarray | Tensor, sample_rate: int, *, source: str
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def read_wav(path: str, *, mixdown: bool = True) -> Tensor:
-    """Read a sound file at 16 kHz as float32 mono (channels averaged when ``mixdown``)."""
-    import soundfile as sf
-
-    try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (RuntimeError, sf.LibsndfileError) as e:
-        raise AudioError(f"{path}: cannot read audio ({e}); is it a WAV/FLAC/OGG file?") from e
-    if data.shape[1] > 1 and mixdown:
-        data = data.mean(axis=1, keepdims=True)
-    return to_float_mono(data, rate, source=path)
-
-
 PCM_FORMATS = {"s16le": np.dtype("<i2"), "f32le": np.dtype("<f4")}
 
 

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..audio.validate import SAMPLE_RATE, AudioError, read_wav
+from ..audio.files import load_audio
+from ..audio.validate import SAMPLE_RATE, AudioError
 from ..checkpoint import load_model
 from ..config import WavLMConfig
 from ..model.wavlm import WavLM
@@ -62,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help=f"original .pt file or Hugging Face directory; the literal '{RANDOM}' uses random "
                         "Base+-shaped weights (for trying the tool only; ./random names a file)")
-    p.add_argument("audio", metavar="AUDIO", help="16 kHz audio file (WAV/FLAC/OGG; channels are averaged)")
+    p.add_argument("audio", metavar="AUDIO", help="audio file (WAV/FLAC/OGG, any rate; channels are averaged, resampled to 16 kHz)")
     ints = _list_of(int, "integers")
     p.add_argument("--chunk", type=ints, default=DEFAULT_CHUNKS, metavar="C,...",
                    help=f"chunk sizes in frames (default: {_csv(DEFAULT_CHUNKS)})")
@@ -96,7 +97,7 @@ def fidelity(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # a file or pipe gets the whole table instead of rich's 80 columns
         console.width = max(console.width, 120)
-    wav = read_wav(args.audio)  # before the model: bad audio fails fast, without loading a checkpoint
+    wav = torch.from_numpy(load_audio(args.audio))  # before the model: bad audio fails fast, without loading a checkpoint
     model, description, random_weights = _model(args.checkpoint)
     total = wav.numel() / SAMPLE_RATE
     if args.max_seconds > 0:

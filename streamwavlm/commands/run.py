@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..audio.validate import SAMPLE_RATE, read_wav
+from ..audio.files import load_audio
+from ..audio.validate import SAMPLE_RATE
 from ..checkpoint import model_from_setting
 from ..streaming import StreamPool
 from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
@@ -26,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="stream an audio file (default: the bundled sample) through the encoder")
     add_checkpoint_option(p)
     add_stream_options(p)
-    p.add_argument("--audio", metavar="FILE", help="16 kHz audio file (default: the bundled speech sample)")
+    p.add_argument("--audio", metavar="FILE", help="audio file, any rate and channel count (default: the bundled "
+                   "speech sample)")
     p.add_argument("--out", metavar="FILE", default="out/embeddings.npz",
                    help="where to save the streamed frames (npz; default: %(default)s)")
     p.set_defaults(func=run)
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = model.cfg
     settings = settings_from_args(args, cfg)
     audio = args.audio or str(bundled_sample())
-    wav = read_wav(audio)
+    wav = torch.from_numpy(load_audio(audio, min_samples=cfg.receptive_field))
     seconds = wav.numel() / SAMPLE_RATE
     console.print(f"[bold]model[/]: {description}")
     console.print(f"[bold]audio[/]: {audio} ({seconds:.2f} s)")
