@@ -88,13 +88,15 @@ class Diarizer:
         self._ends.append(window.end)
 
     # ------------------------------------------------------------------ stepping
-    def _commit_due(self, now: float, everything: bool) -> None:
+    def _commit_due(self, now: float, everything: bool, through: int = -1) -> None:
+        """Commit the windows whose lookahead has passed by ``now`` (all with ``everything``; at least those
+        up to index ``through``, with the context there is, when a final frame needs them)."""
         entries = self._entries
         for i in range(self._uncommitted, len(entries)):
             e = entries[i]
             lookahead = max(0.0, self.latency - (e.window.end - e.window.start) / 2)
-            limit = e.window.end + lookahead + 1e-9
-            if not everything and limit > now + 1e-9:
+            limit = min(e.window.end + lookahead, now) + 1e-9
+            if not everything and i > through and e.window.end + lookahead > now + 1e-9:
                 break
             self._uncommitted = i + 1
             e.committed = True
@@ -109,7 +111,7 @@ class Diarizer:
                     context.append(c)
             e.assignment = self.clustering.commit(e.window, context)
 
-    def _label(self, k: int, peeks: dict[int, Assignment | None]) -> FrameLabel:
+    def _label(self, k: int, peeks: dict[int, Assignment | None], final: bool) -> FrameLabel:
         """Label of frame ``k`` from the windows that ended within the latency after it (``peeks`` caches
         the provisional assignments of uncommitted windows for one step)."""
         if not self._is_speech(k):
@@ -125,6 +127,8 @@ class Diarizer:
             distance = abs(e.window.center - centre)
             if e.window.speech < self.min_speech or distance > span or (best is not None and distance >= best[0]):
                 continue
+            if final and not e.committed:
+                self._commit_due(self.now, False, through=i)
             if e.committed:
                 assignment = e.assignment
             else:
@@ -155,7 +159,7 @@ class Diarizer:
         end_frames = int(np.ceil(now / self.frame - 1e-9))
         final_to = end_frames if everything else max(self._final, int((now - self.latency) / self.frame + 1e-9))
         peeks: dict[int, Assignment | None] = {}
-        new_final = [self._label(k, peeks) for k in range(self._final, final_to)]
+        new_final = [self._label(k, peeks, True) for k in range(self._final, final_to)]
         self._final = final_to
         done: list[Turn] = []
         if not self._open:
@@ -172,7 +176,7 @@ class Diarizer:
         else:
             self._open, self._open_first = [], final_to
         self.turns += done
-        provisional = [] if everything else [self._label(k, peeks) for k in range(final_to, end_frames)]
+        provisional = [] if everything else [self._label(k, peeks, False) for k in range(final_to, end_frames)]
         live = runs(self._open + provisional, self._open_first, self.frame)
         self._prune()
         return self._tracker.update(done, live)

@@ -1,0 +1,114 @@
+"""Speaker embeddings behind one interface: every backend yields :class:`Window`s on the stream's timeline.
+
+- ``ResemblyzerEmbedder``: resemblyzer's pretrained speaker encoder (its weights ship in its wheel), on the
+  last ``window`` seconds of audio every ``hop`` seconds. For a user without a speaker-verification
+  checkpoint, and for this project's tests, it is the embedding that means something.
+- WavLM x-vectors: the engine's streaming x-vectors (``StreamSettings(xvector=...)``) of a
+  ``WavLMForXVector`` checkpoint such as microsoft/wavlm-base-plus-sv, taken in-process from
+  ``EngineOutput``s (``windows_from_output``) or from the ``xvector`` topic (``window_from_message``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..audio.validate import SAMPLE_RATE
+from ..engine import EngineOutput
+from ..mqtt.message import EmbeddingMessage
+from .window import Window
+
+RESEMBLYZER = "resemblyzer"
+
+
+@functools.cache
+def _mel_basis() -> Any:
+    import librosa
+    import torch
+
+    return torch.from_numpy(librosa.filters.mel(sr=16000, n_fft=400, n_mels=40)).float()
+
+
+def _mel(audio: Any) -> Any:
+    """resemblyzer's features (librosa's power mel spectrogram: 25 ms Hann, 10 ms hop, 40 bands) in one
+    batched torch STFT instead of a librosa call per window."""
+    import torch
+
+    spec = torch.stft(torch.nn.functional.pad(audio, (200, 200)), 400, 160, window=torch.hann_window(400),
+                      center=False, return_complex=True).abs().pow(2)
+    return (_mel_basis() @ spec).transpose(1, 2)
+
+
+@functools.cache
+def _voice_encoder() -> Any:  # resemblyzer is untyped
+    try:
+        from resemblyzer import VoiceEncoder
+    except ImportError as e:
+        raise ValueError(f"the resemblyzer backend needs resemblyzer ({e}); pip install resemblyzer") from e
+    return VoiceEncoder("cpu", verbose=False)
+
+
+class ResemblyzerEmbedder:
+    """Embeds the last ``window`` seconds every ``hop`` seconds of one stream (resemblyzer: 256-d)."""
+
+    backend = RESEMBLYZER
+
+    def __init__(self, window: float = 1.6, hop: float = 0.5) -> None:
+        if window < 0.5 or hop <= 0:
+            raise ValueError(f"resemblyzer window ({window} s) must be >= 0.5 s and hop ({hop} s) > 0")
+        self.window, self.hop = int(window * SAMPLE_RATE), int(hop * SAMPLE_RATE)
+        self._encoder = _voice_encoder()
+        self._audio = np.zeros(0, np.float32)
+        self._first = 0  # stream index of ``_audio[0]``
+        self._next_end = self.window
+
+    def embed(self, segments: list[np.ndarray]) -> np.ndarray:
+        """(n, 256) unit embeddings of equal-length audio segments, one batched forward."""
+        import torch
+
+        audio = torch.from_numpy(np.stack(segments).astype(np.float32))
+        rms = audio.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)  # resemblyzer's -30 dBFS, gain only up
+        audio = audio * (10 ** (-30 / 20) / rms).clamp_min(1.0)
+        with torch.inference_mode():
+            return self._encoder(_mel(audio)).numpy()
+
+    def push(self, samples: np.ndarray, want: Callable[[float, float], bool] = lambda a, b: True) -> list[Window]:
+        """Append audio (16 kHz float32); return the windows completed, skipping those ``want(start, end)``
+        declines (e.g. mostly silence: not worth the encoder's time)."""
+        self._audio = np.concatenate([self._audio, np.asarray(samples, np.float32)])
+        spans = []
+        while self._first + len(self._audio) >= self._next_end:
+            start = self._next_end - self.window
+            if want(start / SAMPLE_RATE, self._next_end / SAMPLE_RATE):
+                spans.append(start)
+            self._next_end += self.hop
+        windows = []
+        if spans:
+            vectors = self.embed([self._audio[a - self._first:a - self._first + self.window] for a in spans])
+            windows = [Window(a / SAMPLE_RATE, (a + self.window) / SAMPLE_RATE, v) for a, v in zip(spans, vectors,
+                                                                                                 strict=True)]
+        keep = self._next_end - self.window - self._first
+        if keep > 0:
+            self._audio, self._first = self._audio[keep:], self._first + keep
+        return windows
+
+
+def windows_from_output(out: EngineOutput, window_frames: int, hop_samples: int) -> list[Window]:
+    """The x-vectors of an engine output as windows; the engine's ``stream_start`` keeps them on the stream's
+    timeline when it dropped audio."""
+    chunk = out.chunk
+    windows = []
+    for end_frame, vector in chunk.xvectors:
+        end = (out.stream_start + (end_frame - chunk.first_frame) * hop_samples) / SAMPLE_RATE
+        windows.append(Window(max(0.0, end - window_frames * hop_samples / SAMPLE_RATE), end,
+                              vector.float().numpy()))
+    return windows
+
+
+def window_from_message(msg: EmbeddingMessage, window_frames: int) -> Window:
+    """An ``xvector`` message as a window: its ``first_frame`` is the x-vector's end frame (docs/mqtt.md)."""
+    end = msg.first_frame / msg.frame_rate
+    return Window(max(0.0, end - window_frames / msg.frame_rate), end, msg.data.astype(np.float32))
