@@ -14,10 +14,14 @@ from .config import ConfigError
 COMMAND_MODULES = (
     "streamwavlm.commands.stream",
     "streamwavlm.commands.run",
+    "streamwavlm.commands.embed",
     "streamwavlm.commands.info",
     "streamwavlm.commands.convert",
     "streamwavlm.commands.fidelity",
     "streamwavlm.commands.listen",
+    "streamwavlm.commands.diarize",
+    "streamwavlm.commands.enroll",
+    "streamwavlm.commands.der",
     "streamwavlm.download",
 )
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from streamwavlm.audio.resample import Resampler, resample
+from streamwavlm.audio.resample import Resampler, output_length, resample
 from streamwavlm.audio.source import AudioChunk, Blocker, SourceStats
 from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, mixdown
 
@@ -52,6 +52,33 @@ def load_audio(path: str | Path, *, min_samples: int = 0) -> np.ndarray:
         raise AudioError(f"{path}: {len(samples)} samples at {SAMPLE_RATE} Hz ({len(samples) / SAMPLE_RATE * 1000:.0f}"
                          f" ms) is too short: the model needs at least {min_samples} ({min_samples / 16:.0f} ms)")
     return samples
+
+
+def audio_length(path: str | Path) -> int:
+    """The number of 16 kHz samples :func:`load_audio` gives for ``path``, from its header alone."""
+    with _open(path) as f:
+        return output_length(f.frames, f.samplerate)
+
+
+def audio_extensions() -> frozenset[str]:
+    """File name extensions of the formats libsndfile reads here (``.wav``, ``.flac``, ``.ogg``, ...)."""
+    return frozenset(f".{name.lower()}" for name in sf.available_formats()) | {".oga", ".opus", ".aif"}
+
+
+def audio_files(paths: list[str | Path]) -> list[tuple[Path, Path]]:
+    """Expand files and directories (recursively, sorted) into ``(file, name)`` pairs; ``name`` is the path
+    under the directory given (or the file name), for naming outputs. A missing path is an :class:`AudioError`."""
+    found: list[tuple[Path, Path]] = []
+    extensions = audio_extensions()
+    for given in map(Path, paths):
+        if given.is_dir():
+            found += [(p, p.relative_to(given)) for p in sorted(given.rglob("*"))
+                      if p.is_file() and p.suffix.lower() in extensions]
+        elif given.is_file():
+            found.append((given, Path(given.name)))
+        else:
+            raise AudioError(f"{given}: no such file or directory")
+    return found
 
 
 def _check_finite(frames: np.ndarray, source: str, at: int) -> None:

@@ -139,6 +139,11 @@ def resample(samples: np.ndarray, in_rate: int, out_rate: int = SAMPLE_RATE) -> 
     return np.concatenate([r.process(samples), r.flush()])
 
 
+def output_length(n: int, in_rate: int, out_rate: int = SAMPLE_RATE) -> int:
+    """How many samples :func:`resample` makes of ``n`` input samples: ``ceil(n * out / in)``."""
+    return _ceil_div(n * out_rate, in_rate)
+
+
 def _design(in_rate: int, out_rate: int, up: int) -> tuple[int, np.ndarray]:
     """Half-length (in input samples) and the ``(up, 2*half+1)`` polyphase table of the Kaiser-sinc filter.
 

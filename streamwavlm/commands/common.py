@@ -12,10 +12,16 @@ from ..streaming import NormPolicy, StreamSettings
 
 def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--checkpoint", metavar="PATH",
-        help="original .pt file or Hugging Face directory (default: $STREAMWAVLM_CHECKPOINT, else random "
-             "Base+-shaped weights)",
+        "--checkpoint", metavar="PATH|NAME",
+        help="original .pt file, Hugging Face directory, model name (wavlm-base-plus, see `streamwavlm download "
+             "--list`) or Hub id (microsoft/wavlm-base-plus), downloaded once into the cache (default: "
+             "$STREAMWAVLM_CHECKPOINT, else random Base+-shaped weights)",
     )
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", metavar="cpu|cuda",
+                        help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
 
 
 def bundled_sample() -> Path:

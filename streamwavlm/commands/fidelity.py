@@ -12,7 +12,6 @@ from typing import TypeVar
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from ..audio.files import load_audio
@@ -20,6 +19,7 @@ from ..audio.validate import SAMPLE_RATE, AudioError
 from ..checkpoint import load_model
 from ..config import WavLMConfig
 from ..model.wavlm import WavLM
+from ..progress import Bar
 from ..streaming.fidelity import (
     DEFAULT_CHUNKS,
     DEFAULT_LEFTS,
@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help=f"original .pt file or Hugging Face directory; the literal '{RANDOM}' uses random "
                         "Base+-shaped weights (for trying the tool only; ./random names a file)")
-    p.add_argument("audio", metavar="AUDIO", help="audio file (WAV/FLAC/OGG, any rate; channels are averaged, resampled to 16 kHz)")
+    p.add_argument("audio", metavar="AUDIO",
+                   help="audio file (WAV/FLAC/OGG, any rate; channels are averaged, resampled to 16 kHz)")
     ints = _list_of(int, "integers")
     p.add_argument("--chunk", type=ints, default=DEFAULT_CHUNKS, metavar="C,...",
                    help=f"chunk sizes in frames (default: {_csv(DEFAULT_CHUNKS)})")
@@ -97,7 +98,7 @@ def fidelity(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # a file or pipe gets the whole table instead of rich's 80 columns
         console.width = max(console.width, 120)
-    wav = torch.from_numpy(load_audio(args.audio))  # before the model: bad audio fails fast, without loading a checkpoint
+    wav = torch.from_numpy(load_audio(args.audio))  # before the model: bad audio fails fast
     model, description, random_weights = _model(args.checkpoint)
     total = wav.numel() / SAMPLE_RATE
     if args.max_seconds > 0:
@@ -121,9 +122,8 @@ def fidelity(args: argparse.Namespace) -> int:
         console.print("note: this model has no GroupNorm front end or waveform normalisation, so the norm "
                       "policies give identical streams")
     start = time.perf_counter()
-    with Progress(console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(f"{len(grid)} settings", total=len(grid))
-        rows = measure(model, wav, grid, progress=lambda _row: bar.advance(task))
+    with Bar(f"{len(grid)} settings", len(grid)) as bar:
+        rows = measure(model, wav, grid, progress=lambda _row: bar.advance())
     elapsed = time.perf_counter() - start
     console.print(_table(rows, model.cfg.num_layers))
     console.print(f"{len(rows)} settings in {elapsed:.1f} s. *: on the latency/last-layer-cosine front "
