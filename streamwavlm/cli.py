@@ -19,9 +19,6 @@ COMMAND_MODULES = (
     "streamwavlm.commands.convert",
     "streamwavlm.commands.fidelity",
     "streamwavlm.commands.listen",
-    "streamwavlm.commands.diarize",
-    "streamwavlm.commands.enroll",
-    "streamwavlm.commands.der",
     "streamwavlm.download",
 )
 
