@@ -1,0 +1,76 @@
+"""``streamwavlm enroll NAME AUDIO``: add a named speaker to a profile file, from the speech in AUDIO.
+
+The enrolment embedding is the mean of the same windows diarization compares (same backend, same window
+length, speech-only), so a profile matches what the live clustering sees."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import numpy as np
+import torch
+
+from ..audio.files import FileSource, load_audio
+from ..audio.validate import SAMPLE_RATE
+from ..checkpoint import model_from_setting
+from ..diarization.embedders import ResemblyzerEmbedder, windows_from_output
+from ..diarization.profiles import enroll as enroll_speaker
+from ..diarization.vad import FRAME_SECONDS, make_vad
+from ..diarization.window import Window
+from ..engine import Engine, EngineOutput
+from ..streaming import StreamPool, StreamSettings
+from .common import add_checkpoint_option
+from .diarize import add_diarization_options, backend_id, xvector_settings
+
+MIN_SPEECH = 0.5  # windows at least half speech enrol
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("enroll", help="enrol a named speaker from audio into a profile file")
+    p.add_argument("name", help="the speaker's name, as diarization will print it")
+    p.add_argument("audio", help="audio of that speaker alone (any format libsndfile reads; a few seconds or more)")
+    add_checkpoint_option(p)
+    add_diarization_options(p)
+    p.set_defaults(func=enroll, profiles="speakers.json")
+
+
+async def _xvector_windows(args: argparse.Namespace) -> list[Window]:
+    """The checkpoint's streaming x-vectors over the file, through the engine as ``diarize`` gets them."""
+    torch.set_grad_enabled(False)
+    model, _ = model_from_setting(args.checkpoint)
+    xs = xvector_settings(args)
+    windows: list[Window] = []
+
+    async def collect(out: EngineOutput) -> None:
+        windows.extend(windows_from_output(out, xs.window, model.cfg.hop))
+
+    async with Engine(StreamPool(model, StreamSettings(xvector=xs)), [collect]) as engine:
+        engine.add(FileSource(args.audio), "enroll", live=False)
+        await engine.drain()
+    return windows
+
+
+def speech_windows(args: argparse.Namespace, audio: np.ndarray) -> list[Window]:
+    """The backend's windows over ``audio`` that are mostly speech."""
+    flags = make_vad(args.vad).push(audio)
+    if args.backend == "resemblyzer":
+        windows = ResemblyzerEmbedder().push(audio)
+    else:
+        windows = asyncio.run(_xvector_windows(args))
+    kept = []
+    for w in windows:
+        span = flags[int(w.start / FRAME_SECONDS):int(w.end / FRAME_SECONDS)]
+        if len(span) and span.mean() >= MIN_SPEECH:
+            kept.append(w)
+    return kept
+
+
+def enroll(args: argparse.Namespace) -> int:
+    audio = load_audio(args.audio)
+    windows = speech_windows(args, audio)
+    speaker = enroll_speaker(args.profiles, backend_id(args), args.name,
+                             np.stack([w.vector for w in windows]) if windows else np.zeros((0, 1)))
+    print(f"enrolled {speaker.name!r} from {len(windows)} windows of {args.audio} "
+          f"({len(audio) / SAMPLE_RATE:.1f} s) into {args.profiles}")
+    return 0
