@@ -1,4 +1,4 @@
-"""WavLM attention with a gated relative position bias: the torch implementation and the dispatcher.
+"""WavLM attention with a gated relative position bias: the key layout, the dispatcher, the torch backend.
 
 For query i and key j of head h in batch row b::
 
@@ -6,21 +6,49 @@ For query i and key j of head h in batch row b::
 
 followed by a softmax over the allowed keys (fp32) and the weighted sum of v. ``table`` is the per-head bias
 for every clamped distance, built once on the CPU from the exact bucket formula (so no logarithm is ever
-evaluated here), and ``M = (table.shape[1] - 1) // 2``. Keys are allowed when ``j < k_len[b]`` and, in the
-streaming (block) mode with chunk ``C`` and left context ``L``, when the key's chunk is not after the
-query's chunk and the key lies at most ``L`` frames before the start of the query's chunk; the rule reads
-absolute positions, so it holds equally for a whole utterance and for a chunk against its K/V cache.
+evaluated here), and ``M = (table.shape[1] - 1) // 2``. Where the keys sit and which ones a query may see is
+one typed object, :class:`KeyLayout`: keys are allowed when ``j < k_len[b]`` and, in the streaming (block)
+mode with chunk ``C`` and left context ``L``, when the key's chunk is not after the query's chunk and the
+key lies at most ``L`` frames before the start of the query's chunk; the rule reads absolute positions, so it
+holds equally for a whole utterance and for a chunk against its K/V cache.
+
+Every backend has one entry point with the same signature ``(q, k, v, gate, table, layout)``; the naive,
+fully materialised oracle that tests compare both against sits next to the Triton kernel
+(:func:`~.triton_gated_attention.reference_attention`).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 _BACKENDS = ("auto", "torch", "triton")
 _forced: str | None = None
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Positions of the queries and keys of one attention call and the rule for which keys a query sees.
+
+    ``rows`` lets a batch of queries read K/V tensors with more rows than the batch (a pool of streams
+    whose caches stay where they are): batch row ``b`` reads K/V row ``rows[b]``; ``None`` means row ``b``.
+    ``k_pos`` and ``k_len`` are per batch row (already taken at ``rows``).
+    """
+
+    q_pos: Tensor  # (B, Tq) absolute frame index of each query
+    k_pos: Tensor  # (B, Tk) absolute frame index of each key
+    k_len: Tensor | None = None  # (B,) valid keys per row (padding); None: all
+    chunk: int | None = None  # streaming block mask: chunk size in frames
+    left: int | None = None  # ... and left context in frames (None: unlimited)
+    rows: Tensor | None = None  # (B,) K/V row of each batch row
+
+    def batch(self, b: int) -> KeyLayout:
+        """The layout of batch row ``b`` alone, reading K/V row 0 (for a per-row loop over views)."""
+        return KeyLayout(self.q_pos[b:b + 1], self.k_pos[b:b + 1],
+                         None if self.k_len is None else self.k_len[b:b + 1], self.chunk, self.left)
 
 
 def set_backend(name: str | None) -> None:
@@ -42,75 +70,72 @@ def attention_backend(device: torch.device) -> str:
 
 
 def gated_rel_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gate: Tensor,
-    table: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    *,
-    k_len: Tensor | None = None,
-    chunk: int | None = None,
-    left: int | None = None,
-    memo: dict | None = None,
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, layout: KeyLayout, memo: dict | None = None
 ) -> Tensor:
-    """Attention output ``(B, H, Tq, d)`` in the dtype of ``q``.
+    """Attention output ``(B, H, Tq, d)`` in the dtype of ``q``, by the backend for ``q``'s device.
 
-    Shapes: q ``(B, H, Tq, d)``; k, v ``(B, H, Tk, d)``; gate ``(B, H, Tq)``; table ``(H, 2M+1)`` fp32;
-    q_pos ``(B, Tq)`` and k_pos ``(B, Tk)`` absolute frame indices; k_len ``(B,)`` valid keys per row.
-    ``chunk``/``left`` select the streaming block mask (``left=None``: unlimited left context). ``memo``: a
-    dict shared by calls with the same positions and mask (the layers of one forward), where the torch
-    backend keeps the bias gathers and masks it derives from them instead of redoing them per layer.
+    Shapes: q ``(B, H, Tq, d)``; k, v ``(B, H, Tk, d)`` (or ``(N, H, Tk, d)`` with ``layout.rows``); gate
+    ``(B, H, Tq)`` fp32; table ``(H, 2M+1)`` fp32. ``memo``: a dict shared by calls with the same layout (the
+    layers of one forward), where the torch backend keeps the bias gathers and masks it derives from the
+    positions instead of redoing them per layer.
     """
     if attention_backend(q.device) == "triton":
         from .triton_gated_attention import gated_rel_attention_triton
 
-        return gated_rel_attention_triton(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left)
-    return gated_rel_attention_torch(q, k, v, gate, table, q_pos, k_pos, k_len=k_len, chunk=chunk, left=left,
-                                     memo=memo)
+        return gated_rel_attention_triton(q, k, v, gate, table, layout)
+    return gated_rel_attention_torch(q, k, v, gate, table, layout, memo)
 
 
-def allowed_keys(
-    q_pos: Tensor, k_pos: Tensor, k_len: Tensor | None, chunk: int | None, left: int | None
-) -> Tensor | None:
+def allowed_keys(layout: KeyLayout) -> Tensor | None:
     """Boolean ``(B, Tq, Tk)`` mask of the keys each query may see, or ``None`` when all are allowed."""
+    q_pos, k_pos, chunk = layout.q_pos, layout.k_pos, layout.chunk
     mask: Tensor | None = None
-    if k_len is not None:
+    if layout.k_len is not None:
         idx = torch.arange(k_pos.shape[1], device=k_pos.device)
-        mask = (idx[None, :] < k_len[:, None])[:, None, :]
+        mask = (idx[None, :] < layout.k_len[:, None])[:, None, :]
     if chunk is not None:
         q_chunk = torch.div(q_pos, chunk, rounding_mode="floor")[:, :, None]
         k_chunk = torch.div(k_pos, chunk, rounding_mode="floor")[:, None, :]
         block = k_chunk <= q_chunk
-        if left is not None:
-            block = block & (k_pos[:, None, :] >= q_chunk * chunk - left)
+        if layout.left is not None:
+            block = block & (k_pos[:, None, :] >= q_chunk * chunk - layout.left)
         mask = block if mask is None else mask & block
     return mask
 
 
 def gated_rel_attention_torch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gate: Tensor,
-    table: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    *,
-    k_len: Tensor | None = None,
-    chunk: int | None = None,
-    left: int | None = None,
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, layout: KeyLayout, memo: dict | None = None,
     block_q: int = 128,
-    memo: dict | None = None,
 ) -> Tensor:
-    """The reference implementation, evaluated ``block_q`` queries at a time.
+    """The CPU backend, evaluated ``block_q`` queries at a time.
 
     Blocking keeps the fp32 score tile at ``B*H*block_q*Tk`` instead of the full ``T x T`` bias that the
     reference model materialises per layer (432 MB per tensor for a minute of Base audio). When queries
     and keys sit at the same consecutive positions (the offline case) the bias of a block is a strided
     view of one ``(H, 2T-1)`` row, read in reversed query order, instead of a gather.
+
+    With ``layout.rows``, a run of consecutive rows is a view of K/V; scattered rows are attended one batch
+    row at a time over views of their K/V rows, so a pool's caches are never gathered into a copy.
     """
+    memo = {} if memo is None else memo
+    rows = layout.rows
+    if rows is None:
+        return _attend_blocks(q, k, v, gate, table, layout, memo, block_q)
+    first = int(rows[0])
+    if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
+        flat = KeyLayout(layout.q_pos, layout.k_pos, layout.k_len, layout.chunk, layout.left)
+        return _attend_blocks(q, k[first:first + len(rows)], v[first:first + len(rows)], gate, table, flat, memo,
+                              block_q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b, r in enumerate(rows.tolist()):
+        out[b:b + 1] = _attend_blocks(q[b:b + 1], k[r:r + 1], v[r:r + 1], gate[b:b + 1], table,
+                                      layout.batch(b), memo.setdefault(("row", b), {}), block_q)
+    return out
+
+
+def _attend_blocks(
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, layout: KeyLayout, memo: dict, block_q: int
+) -> Tensor:
     _, heads, tq, dim = q.shape
     tk = k.shape[2]
     max_d = (table.shape[1] - 1) // 2
@@ -119,14 +144,13 @@ def gated_rel_attention_torch(
     kt = k.transpose(-1, -2).float()
     vf = v.float()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    memo = {} if memo is None else memo
     if "ext" not in memo:
-        memo["ext"] = _diagonal_bias(table, tk, max_d) if _consecutive(q_pos, k_pos) else None
+        memo["ext"] = _diagonal_bias(table, tk, max_d) if _consecutive(layout.q_pos, layout.k_pos) else None
     ext = memo["ext"]
     for s in range(0, tq, block_q):
         e = min(s + block_q, tq)
         if s not in memo:
-            memo[s] = _block_terms(table, q_pos[:, s:e], k_pos, k_len, chunk, left, ext, heads, max_d)
+            memo[s] = _block_terms(table, layout, s, e, ext, heads, max_d)
         bias, mask_add, empty = memo[s]
         qb, gb = (q[:, :, s:e].flip(2), gate[:, :, s:e].flip(2)) if ext is not None else (q[:, :, s:e], gate[:, :, s:e])
         scores = torch.matmul(qb.float() * scale, kt)
@@ -142,16 +166,16 @@ def gated_rel_attention_torch(
 
 
 def _block_terms(
-    table: Tensor, q_pos: Tensor, k_pos: Tensor, k_len: Tensor | None, chunk: int | None, left: int | None,
-    ext: Tensor | None, heads: int, max_d: int,
+    table: Tensor, layout: KeyLayout, start: int, end: int, ext: Tensor | None, heads: int, max_d: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """For one block of queries: the ungated bias, the additive mask (0 or the fp32 minimum) and the rows
+    """For queries ``start:end``: the ungated bias, the additive mask (0 or the fp32 minimum) and the rows
     without any allowed key; rows in reversed order when ``ext`` (the offline diagonal bias) is used."""
+    q_pos, k_pos = layout.q_pos[:, start:end], layout.k_pos
     tq, tk = q_pos.shape[1], k_pos.shape[1]
-    mask = allowed_keys(q_pos, k_pos, k_len, chunk, left)
+    mask = allowed_keys(KeyLayout(q_pos, k_pos, layout.k_len, layout.chunk, layout.left))
     if ext is not None:  # row r is query tq-1-r of the block, whose bias starts at column tk-(start+tq)+r
-        end = int((q_pos[0, -1] - k_pos[0, 0]).item()) + 1
-        bias = ext.as_strided((heads, tq, tk), (ext.stride(0), 1, 1), tk - end)
+        last = int((q_pos[0, -1] - k_pos[0, 0]).item()) + 1
+        bias = ext.as_strided((heads, tq, tk), (ext.stride(0), 1, 1), tk - last)
         mask = None if mask is None else mask.flip(1)
     else:
         dist = (k_pos[:, None, :] - q_pos[:, :, None]).clamp_(-max_d, max_d).add_(max_d)

@@ -17,10 +17,12 @@ outside it gets the same bias (the table's end) and the same mask decision as at
 positions may be any int64 (a far-past sentinel for empty cache slots included) as long as the queries of
 one batch row lie within ``2**30`` frames of each other. Rows with no allowed key produce 0.
 
-Two entry points share the kernel: :func:`gated_rel_attention_triton` takes the precomputed gate;
-:func:`gated_rel_attention_triton_from_logits` takes the two raw gate logits per head and query and the
-per-head constant, and evaluates ``sigmoid(s_a) * (sigmoid(s_b) * c_h - 1) + 2`` in the prologue, which
-saves the separate elementwise launch and the fp32 gate round trip through memory.
+With ``layout.rows`` a batch row reads its keys and values from another row of K/V (a pool's caches, which
+stay in place however the ready streams are scattered over the pool).
+
+The file reads as the Triton tutorials do: the kernel, its launcher :func:`gated_rel_attention_triton`, and
+:func:`reference_attention`, the naive oracle with the whole ``Tq x Tk`` bias and mask materialised, which
+the tests hold both backends to.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
+
+from .gated_attention import KeyLayout, allowed_keys
 
 _HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -79,18 +83,18 @@ def _attend_tile(
 
 @triton.jit(do_not_specialize=["tq", "tk", "chunk", "left", "tq_bucket", "tk_bucket"])
 def _gated_rel_attn_fwd(
-    q_ptr, k_ptr, v_ptr, gate_ptr, const_ptr, table_ptr, qpos_ptr, kpos_ptr, klen_ptr, out_ptr,
+    q_ptr, k_ptr, v_ptr, gate_ptr, table_ptr, qpos_ptr, kpos_ptr, klen_ptr, rows_ptr, out_ptr,
     s_qb, s_qh, s_qm, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
-    s_gb, s_gh, s_gm, s_gc,
-    s_ch, s_th,
-    s_qpb, s_qpm, s_kpb, s_kpn, s_kl,
+    s_gb, s_gh, s_gm,
+    s_th,
+    s_qpb, s_qpm, s_kpb, s_kpn, s_kl, s_r,
     s_ob, s_oh, s_om, s_od,
     n_heads, tq, tk, sm_scale, max_dist, pad, chunk, left,
     tq_bucket, tk_bucket,  # only read by the autotuner: its cache key, a power-of-two bucket of tq / tk
     HEAD_DIM: tl.constexpr,
-    GATE_FROM_LOGITS: tl.constexpr,
+    HAS_ROWS: tl.constexpr,
     HAS_KLEN: tl.constexpr,
     BLOCK_MASK: tl.constexpr,
     HAS_LEFT: tl.constexpr,
@@ -106,6 +110,9 @@ def _gated_rel_attn_fwd(
     pid_bh = pid // n_mblocks
     b = (pid_bh // n_heads).to(tl.int64)  # int64 base offsets: K/V caches of many streams exceed 2**31
     h = (pid_bh % n_heads).to(tl.int64)
+    kv_b = b
+    if HAS_ROWS:
+        kv_b = tl.load(rows_ptr + b * s_r).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -117,13 +124,7 @@ def _gated_rel_attn_fwd(
         mask=row_ok[:, None],
         other=0.0,
     )
-    g_ptrs = gate_ptr + b * s_gb + h * s_gh + offs_m * s_gm
-    if GATE_FROM_LOGITS:
-        gate_a = tl.sigmoid(tl.load(g_ptrs, mask=row_ok, other=0.0).to(tl.float32))
-        gate_b = tl.sigmoid(tl.load(g_ptrs + s_gc, mask=row_ok, other=0.0).to(tl.float32))
-        gate = gate_a * (gate_b * tl.load(const_ptr + h * s_ch).to(tl.float32) - 1.0) + 2.0
-    else:
-        gate = tl.load(g_ptrs, mask=row_ok, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + b * s_gb + h * s_gh + offs_m * s_gm, mask=row_ok, other=0.0).to(tl.float32)
     g2 = gate * LOG2E
     qk_scale = sm_scale * LOG2E
 
@@ -148,8 +149,8 @@ def _gated_rel_attn_fwd(
     if HAS_KLEN:
         n_end = tl.minimum(tl.load(klen_ptr + b * s_kl).to(tl.int32), tk)
 
-    k_base = k_ptr + b * s_kb + h * s_kh + offs_d[:, None] * s_kd  # K read transposed: (HEAD_DIM, BLOCK_N)
-    v_base = v_ptr + b * s_vb + h * s_vh + offs_d[None, :] * s_vd
+    k_base = k_ptr + kv_b * s_kb + h * s_kh + offs_d[:, None] * s_kd  # K read transposed: (HEAD_DIM, BLOCK_N)
+    v_base = v_ptr + kv_b * s_vb + h * s_vh + offs_d[None, :] * s_vd
     kp_base = kpos_ptr + b * s_kpb
     tab = table_ptr + h * s_th + max_dist
 
@@ -224,18 +225,20 @@ _INTERPRETED = isinstance(_gated_rel_attn_fwd, InterpretedFunction)
 # Under TRITON_INTERPRET=1 (CPU tests) one small tile and no benchmarking: every program costs milliseconds.
 _kernel = triton.autotune(
     configs=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16})] if _INTERPRETED else _gpu_configs(),
-    key=["tq_bucket", "tk_bucket", "HEAD_DIM", "GATE_FROM_LOGITS", "HAS_KLEN", "BLOCK_MASK", "HAS_LEFT"],
+    key=["tq_bucket", "tk_bucket", "HEAD_DIM", "HAS_ROWS", "HAS_KLEN", "BLOCK_MASK", "HAS_LEFT"],
     prune_configs_by=None if _INTERPRETED else {"early_config_prune": _prune_configs},
 )(_gated_rel_attn_fwd)
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, q_pos: Tensor, k_pos: Tensor,
-                  k_len: Tensor | None, chunk: int | None, left: int | None) -> None:
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, layout: KeyLayout) -> None:
     """Reject inputs the kernel would silently misread (it trusts shapes, devices and dtypes)."""
     if q.dim() != 4:
         raise ValueError(f"q must be (B, H, Tq, d), got {tuple(q.shape)}")
     batch, heads, tq, dim = q.shape
-    if k.dim() != 4 or k.shape[:2] != q.shape[:2] or k.shape[3] != dim or v.shape != k.shape:
+    q_pos, k_pos, k_len, rows, chunk, left = (layout.q_pos, layout.k_pos, layout.k_len, layout.rows,
+                                              layout.chunk, layout.left)
+    kv_rows = batch if rows is None else k.shape[0]
+    if k.dim() != 4 or k.shape[0] != kv_rows or k.shape[1] != heads or k.shape[3] != dim or v.shape != k.shape:
         raise ValueError(
             f"k and v must be (B, H, Tk, d) matching q {tuple(q.shape)}: {tuple(k.shape)}, {tuple(v.shape)}"
         )
@@ -243,22 +246,25 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, 
         raise TypeError(f"q, k, v must share one of {_DTYPES}: {q.dtype}, {k.dtype}, {v.dtype}")
     if dim not in _HEAD_DIMS:
         raise ValueError(f"head dim {dim} unsupported by the Triton kernel (supported: {_HEAD_DIMS})")
+    if gate.shape != q.shape[:3]:
+        raise ValueError(f"gate must be (B, H, Tq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
     if table.dim() != 2 or table.shape[0] != heads or table.shape[1] % 2 != 1:
         raise ValueError(f"table must be (H, 2M+1) with H={heads}, got {tuple(table.shape)}")
     if q_pos.shape != (batch, tq) or k_pos.shape != (batch, k.shape[2]):
         raise ValueError(f"q_pos/k_pos must be (B, Tq)/(B, Tk): {tuple(q_pos.shape)}, {tuple(k_pos.shape)}")
     if k_len is not None and k_len.shape != (batch,):
         raise ValueError(f"k_len must be (B,), got {tuple(k_len.shape)}")
-    integers = [q_pos, k_pos] + ([k_len] if k_len is not None else [])
+    if rows is not None and rows.shape != (batch,):
+        raise ValueError(f"rows must be (B,), got {tuple(rows.shape)}")
+    integers = [t for t in (q_pos, k_pos, k_len, rows) if t is not None]
     if any(t.dtype not in (torch.int32, torch.int64) for t in integers):
-        raise TypeError(f"positions and k_len must be int32 or int64: {[t.dtype for t in integers]}")
+        raise TypeError(f"positions, k_len and rows must be int32 or int64: {[t.dtype for t in integers]}")
     if table.shape[1] >= 2**30 or (chunk is not None and not 1 <= chunk < 2**29):
         raise ValueError(f"chunk must be in [1, 2**29), the table under 2**30 wide: {chunk}, {table.shape}")
     if left is not None and not abs(left) < 2**29:  # the kernel compares int32 distances
         raise ValueError(f"left must be below 2**29 in magnitude, got {left}")
-    tensors = [k, v, gate, q_pos, k_pos] + ([k_len] if k_len is not None else [])
-    if any(t.device != q.device for t in tensors):
-        raise ValueError("q, k, v, the gate, q_pos, k_pos and k_len must be on one device")
+    if any(t.device != q.device for t in (k, v, gate, *integers)):
+        raise ValueError("q, k, v, the gate, positions, k_len and rows must be on one device")
     if q.device.type != "cuda" and not _INTERPRETED:
         raise RuntimeError(
             f"the Triton kernel needs CUDA tensors, got {q.device}; on the CPU set TRITON_INTERPRET=1 before "
@@ -266,12 +272,14 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, 
         )
 
 
-def _launch(
-    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, gate_const: Tensor | None, table: Tensor,
-    q_pos: Tensor, k_pos: Tensor, k_len: Tensor | None, chunk: int | None, left: int | None,
-) -> Tensor:
-    """Shared launcher; ``gate_const is not None`` means ``gate`` holds the (B, H, Tq, 2) gate logits."""
-    _check_shapes(q, k, v, gate, table, q_pos, k_pos, k_len, chunk, left)
+def gated_rel_attention_triton(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor,
+                               layout: KeyLayout) -> Tensor:
+    """The attention in one fused kernel launch; output ``(B, H, Tq, d)`` in q's dtype.
+
+    Any strides are accepted (K/V cache views, q/k/v sliced from a fused projection). fp32 inputs use IEEE
+    fp32 products (no TF32), matching torch's default ``matmul.allow_tf32 = False``.
+    """
+    _check_shapes(q, k, v, gate, table, layout)
     batch, heads, tq, dim = q.shape
     tk = k.shape[2]
     out = torch.empty((batch, heads, tq, dim), dtype=q.dtype, device=q.device)
@@ -279,23 +287,22 @@ def _launch(
         return out
     table = table.to(device=q.device, dtype=torch.float32).contiguous()
     max_dist = (table.shape[1] - 1) // 2
+    chunk, left, k_len, rows = layout.chunk, layout.left, layout.k_len, layout.rows
     # Keys farther than this from every query of a block all look alike to the bias and to the mask.
     pad = max(max_dist, chunk + abs(left or 0) if chunk is not None else 0) + 1
-    from_logits = gate_const is not None
-    const_strides = (gate_const.stride(0),) if from_logits else (0,)
-    gate_strides = gate.stride() if from_logits else (*gate.stride(), 0)
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
         return (triton.cdiv(tq, meta["BLOCK_M"]) * batch * heads,)
 
     _kernel[grid](
-        q, k, v, gate, gate_const, table, q_pos, k_pos, k_len, out,
-        *q.stride(), *k.stride(), *v.stride(), *gate_strides, *const_strides, table.stride(0),
-        *q_pos.stride(), *k_pos.stride(), k_len.stride(0) if k_len is not None else 0, *out.stride(),
+        q, k, v, gate, table, layout.q_pos, layout.k_pos, k_len, rows, out,
+        *q.stride(), *k.stride(), *v.stride(), *gate.stride(), table.stride(0),
+        *layout.q_pos.stride(), *layout.k_pos.stride(), k_len.stride(0) if k_len is not None else 0,
+        rows.stride(0) if rows is not None else 0, *out.stride(),
         heads, tq, tk, dim**-0.5, max_dist, pad, chunk or 1, left or 0,
         triton.next_power_of_2(tq), triton.next_power_of_2(max(tk, 1)),
         HEAD_DIM=dim,
-        GATE_FROM_LOGITS=from_logits,
+        HAS_ROWS=rows is not None,
         HAS_KLEN=k_len is not None,
         BLOCK_MASK=chunk is not None,
         HAS_LEFT=chunk is not None and left is not None,
@@ -304,51 +311,22 @@ def _launch(
     return out
 
 
-def gated_rel_attention_triton(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gate: Tensor,
-    table: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    *,
-    k_len: Tensor | None = None,
-    chunk: int | None = None,
-    left: int | None = None,
-) -> Tensor:
-    """:func:`gated_rel_attention_torch` in one fused kernel launch; output ``(B, H, Tq, d)`` in q's dtype.
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor,
+                        layout: KeyLayout) -> Tensor:
+    """The oracle: every bias entry, mask entry and score of the ``Tq x Tk`` problem materialised, in fp64.
 
-    Any strides are accepted (K/V cache views, q/k/v sliced from a fused projection). fp32 inputs use IEEE
-    fp32 products (no TF32), matching torch's default ``matmul.allow_tf32 = False``.
+    Slow and memory-hungry on purpose: it shares no code path with either backend beyond the mask rule of
+    :func:`~.gated_attention.allowed_keys`, so it checks the blocking, the diagonal fast path, the row
+    indirection and the kernel's clamped-window arithmetic. Rows with no allowed key give 0.
     """
-    if gate.shape != q.shape[:3]:
-        raise ValueError(f"gate must be (B, H, Tq) = {tuple(q.shape[:3])}, got {tuple(gate.shape)}")
-    return _launch(q, k, v, gate, None, table, q_pos, k_pos, k_len, chunk, left)
-
-
-def gated_rel_attention_triton_from_logits(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    gate_logits: Tensor,
-    gate_const: Tensor,
-    table: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    *,
-    k_len: Tensor | None = None,
-    chunk: int | None = None,
-    left: int | None = None,
-) -> Tensor:
-    """As :func:`gated_rel_attention_triton`, with the gate computed in-kernel from its two logits.
-
-    ``gate_logits`` ``(B, H, Tq, 2)`` holds ``(s_a, s_b)`` (any strides, e.g. two extra columns per head of a
-    fused QKV projection) and ``gate_const`` ``(H,)`` the per-head ``c_h``; the kernel uses
-    ``gate = sigmoid(s_a) * (sigmoid(s_b) * c_h - 1) + 2``, as :func:`~.gate.gate_from_logits` does.
-    """
-    if gate_logits.shape != (*q.shape[:3], 2):
-        raise ValueError(f"gate_logits must be (B, H, Tq, 2)={(*q.shape[:3], 2)}: {tuple(gate_logits.shape)}")
-    if gate_const.shape != (q.shape[1],) or gate_const.device != q.device:
-        raise ValueError(f"gate_const must be (H,)=({q.shape[1]},) on {q.device}: {tuple(gate_const.shape)}")
-    return _launch(q, k, v, gate_logits, gate_const, table, q_pos, k_pos, k_len, chunk, left)
+    if layout.rows is not None:
+        k, v = k[layout.rows], v[layout.rows]
+    max_d = (table.shape[1] - 1) // 2
+    dist = (layout.k_pos[:, None, :] - layout.q_pos[:, :, None]).clamp(-max_d, max_d) + max_d  # (B, Tq, Tk)
+    bias = table.double()[:, dist].permute(1, 0, 2, 3)  # (B, H, Tq, Tk)
+    scores = q.double() @ k.double().transpose(-1, -2) / q.shape[-1] ** 0.5 + gate.double()[..., None] * bias
+    mask = allowed_keys(layout)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # an all-masked row is NaN: make it 0
+    return (probs @ v.double()).to(q.dtype)

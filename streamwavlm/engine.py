@@ -1,9 +1,11 @@
 """The asyncio pipeline: audio sources -> bounded backlogs -> batched encoder steps -> sinks.
 
-Each source is read by its own task, which only appends chunks to that stream's backlog (bounded; gaps in
-the source's sample index are filled with silence so frame indices stay on the stream's timeline). One
-scheduler task hands every stream that has a step's worth of audio to the :class:`StreamPool` and runs the
-batched step in a worker thread, so the event loop keeps serving sockets and sinks while the model computes.
+Each source is read by its own task, which only puts chunks into that stream's :class:`SampleQueue` (the
+one place audio waits between a source and the encoder; gaps in the source's sample index are filled with
+silence there so frame indices stay on the stream's timeline). One scheduler task takes exactly one step's
+samples from every stream that has them and hands them to the :class:`StreamPool` (which keeps no audio)
+for one batched step in a worker thread, so the event loop keeps serving sockets and sinks while the model
+computes.
 
 When compute falls behind, a stream's backlog grows; past ``max_backlog`` seconds the declared policy
 applies: ``drop_oldest`` discards the oldest queued audio (counted in samples, and reflected in the outputs'
@@ -24,7 +26,8 @@ from typing import Literal
 
 import numpy as np
 
-from .audio.source import AudioChunk, AudioSource
+from .audio.queue import SampleQueue
+from .audio.source import AudioSource
 from .audio.validate import SAMPLE_RATE
 from .streaming import ChunkOutput, StreamPool
 
@@ -52,23 +55,41 @@ Sink = Callable[[EngineOutput], Awaitable[None]]
 
 @dataclass
 class StreamStatus:
-    """What the engine knows about one stream; published as its status."""
+    """What the engine knows about one stream; published as its status. The sample counts are those of the
+    stream's :class:`SampleQueue`, the one ledger of its audio."""
 
     stream_id: str
     state: str = "open"  # open | closed | failed | shed
-    samples_in: int = 0  # 16 kHz samples received from the source
-    samples_processed: int = 0  # samples handed to the encoder
-    dropped: int = 0  # samples dropped by the engine's overload policy
-    gap_filled: int = 0  # samples of silence inserted where the source lost audio
     frames_out: int = 0
     error: str | None = None
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=1000), repr=False)
     compute: float = 0.0  # seconds of step time attributed to this stream
+    queue: SampleQueue = field(default_factory=SampleQueue, repr=False)
+
+    @property
+    def samples_in(self) -> int:
+        """16 kHz samples received from the source."""
+        return self.queue.received
+
+    @property
+    def samples_processed(self) -> int:
+        """Samples handed to the encoder."""
+        return self.queue.taken
+
+    @property
+    def dropped(self) -> int:
+        """Samples dropped by the engine's overload policy."""
+        return self.queue.dropped
+
+    @property
+    def gap_filled(self) -> int:
+        """Samples of silence inserted where the source lost audio."""
+        return self.queue.gap_filled
 
     @property
     def backlog(self) -> int:
-        """Samples waiting: received (plus gap fill) minus processed and dropped."""
-        return self.samples_in + self.gap_filled - self.samples_processed - self.dropped
+        """Samples waiting for the encoder."""
+        return len(self.queue)
 
     def summary(self) -> dict[str, object]:
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
@@ -89,14 +110,14 @@ class _Stream:
     status: StreamStatus
     source: AudioSource
     slot: int
-    backlog: deque[AudioChunk] = field(default_factory=deque)
-    next_start: int = 0  # expected start of the next source chunk
-    last_arrival: float = 0.0  # arrival time of the newest sample handed to the encoder
-    drops: deque[tuple[int, int]] = field(default_factory=deque)  # (processed position, cumulative dropped)
     ended: bool = False
     live: bool = True  # False: the source waits for room (backpressure) instead of the overload policy
     room: asyncio.Event = field(default_factory=asyncio.Event)  # set when the backlog shrinks
     task: asyncio.Task[None] | None = None
+
+    @property
+    def queue(self) -> SampleQueue:
+        return self.status.queue
 
 
 class Engine:
@@ -169,14 +190,7 @@ class Engine:
         st = stream.status
         try:
             async for chunk in stream.source:
-                if chunk.start > stream.next_start:  # the source lost audio: keep the timeline with silence
-                    gap = chunk.start - stream.next_start
-                    stream.backlog.append(AudioChunk(st.stream_id, np.zeros(gap, np.float32), stream.next_start,
-                                                     chunk.arrival))
-                    st.gap_filled += gap
-                stream.next_start = chunk.end
-                stream.backlog.append(chunk)
-                st.samples_in += len(chunk.samples)
+                stream.queue.put(chunk.samples, chunk.start, chunk.arrival)
                 self._wake.set()
                 while not stream.live and st.backlog > self.max_backlog:
                     stream.room.clear()
@@ -198,60 +212,34 @@ class Engine:
             st.state = "shed"
             st.error = f"shed: backlog exceeded {self.max_backlog / SAMPLE_RATE:.1f} s (compute is behind)"
             log.warning("stream %s: %s", st.stream_id, st.error)
-            stream.backlog.clear()
             return
-        excess = st.backlog - self.max_backlog
-        while excess > 0 and stream.backlog:
-            head = stream.backlog[0]
-            n = min(excess, len(head.samples))
-            if n == len(head.samples):
-                stream.backlog.popleft()
-            else:
-                stream.backlog[0] = AudioChunk(head.stream_id, head.samples[n:], head.start + n, head.arrival)
-            st.dropped += n
-            excess -= n
-        stream.drops.append((st.samples_processed, st.dropped))
+        stream.queue.drop_oldest(st.backlog - self.max_backlog)
 
     # ------------------------------------------------------------------ scheduling
-    def _feed(self, stream: _Stream) -> bool:
-        """Move the audio of the stream's next step from its backlog into the pool; False if not enough."""
-        st = stream.status
-        need = self.pool.needed(stream.slot)
-        if st.state != "open" or need > st.backlog:
-            return False
-        while need > 0:
-            head = stream.backlog[0]
-            n = min(need, len(head.samples))
-            self.pool.push(stream.slot, head.samples[:n])
-            if n == len(head.samples):
-                stream.backlog.popleft()
-            else:
-                stream.backlog[0] = AudioChunk(head.stream_id, head.samples[n:], head.start + n, head.arrival)
-            st.samples_processed += n
-            stream.last_arrival = head.arrival
-            need -= n
-        stream.room.set()
-        return True
+    def _ready(self, stream: _Stream) -> bool:
+        return stream.status.state == "open" and stream.status.backlog >= self.pool.need(stream.slot)
 
     async def _schedule(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                ready = [s for s in list(self.streams.values()) if self._feed(s)]
+                ready = [s for s in list(self.streams.values()) if self._ready(s)]
                 if ready:
                     await self._step(ready)
                 for stream in list(self.streams.values()):
-                    # ended, and no full step left (audio may have arrived during the step just run)
-                    if stream.ended and (stream.status.state != "open"
-                                         or self.pool.needed(stream.slot) > stream.status.backlog):
+                    # ended, and no whole step left (audio may have arrived during the step just run)
+                    if stream.ended and not self._ready(stream):
                         await self._finish(stream)
                 if not ready:
                     break
 
     async def _step(self, streams: list[_Stream]) -> None:
+        audio = {s.slot: s.queue.take(self.pool.need(s.slot)) for s in streams}
+        for s in streams:
+            s.room.set()
         start = time.perf_counter()
-        outputs = await asyncio.to_thread(self.pool.step, [s.slot for s in streams])
+        outputs = await asyncio.to_thread(self.pool.step, audio)
         elapsed = time.perf_counter() - start
         self.step_times.append(elapsed)
         self.batch_sizes.append(len(streams))
@@ -263,12 +251,8 @@ class Engine:
         """Flush a stream whose source ended (or drop a failed/shed one) and free its slot."""
         st = stream.status
         if st.state == "open":
-            while stream.backlog:  # the tail that never filled a step
-                head = stream.backlog.popleft()
-                self.pool.push(stream.slot, head.samples)
-                st.samples_processed += len(head.samples)
-                stream.last_arrival = head.arrival
-            outputs = await asyncio.to_thread(self.pool.close, stream.slot)
+            rest = stream.queue.take(st.backlog)  # the tail that never filled a step
+            outputs = await asyncio.to_thread(self.pool.close, stream.slot, rest)
             await self._deliver(outputs)
             st.state = "closed"
         else:
@@ -287,14 +271,10 @@ class Engine:
         for out in outputs:
             stream = self.streams[out.stream_id]
             st = stream.status
-            latency = max(0.0, now_mono - stream.last_arrival)
+            latency = max(0.0, now_mono - stream.queue.last_arrival)
             if out.num_frames:
                 st.latencies.append(latency)
             st.frames_out += out.num_frames
-            first = out.first_frame * hop
-            while len(stream.drops) > 1 and stream.drops[1][0] <= first:
-                stream.drops.popleft()
-            dropped = stream.drops[0][1] if stream.drops and stream.drops[0][0] <= first else 0
-            result = EngineOutput(out, first + dropped, latency, now_wall)
+            result = EngineOutput(out, stream.queue.stream_index(out.first_frame * hop), latency, now_wall)
             for sink in self.sinks:
                 await sink(result)

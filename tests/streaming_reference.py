@@ -24,11 +24,12 @@ def step_ends(n: int, model: WavLM, s: StreamSettings) -> list[int]:
     return [*ends, n]
 
 
-def _stat_ends(ends: list[int], s: StreamSettings, per_second: float, unit) -> list[int]:
-    """For each step, the prefix (in samples) whose statistics the step uses."""
+def _stat_ends(ends: list[int], s: StreamSettings) -> list[int]:
+    """For each step, the prefix (in samples) whose statistics the step uses: every sample up to the step's
+    end (running), or, once the audio before a step reaches ``warmup`` seconds, the prefix reached then."""
     out, last = [], 0
     for e in ends:
-        if s.norm == NormPolicy.RUNNING or unit(last) < s.warmup * per_second:
+        if s.norm == NormPolicy.RUNNING or last < s.warmup * 16000:
             last = e
         out.append(last)
     return out
@@ -42,7 +43,7 @@ def masked_reference(model: WavLM, wav: torch.Tensor, s: StreamSettings) -> WavL
     tail = cfg.receptive_field - cfg.hop
     x = wav.double()
     if cfg.normalize:
-        norm_ends = _stat_ends(ends, s, 16000, lambda m: m)
+        norm_ends = _stat_ends(ends, s)
         parts, prev = [], 0
         for e, se in zip(ends, norm_ends, strict=True):
             ref = x[:se]
@@ -51,16 +52,14 @@ def masked_reference(model: WavLM, wav: torch.Tensor, s: StreamSettings) -> WavL
         x = torch.cat(parts)
     x = x.float()
     feats, prev = [], 0
-    k0, s0 = cfg.conv_layers[0][1], cfg.conv_layers[0][2]
-    gn_ends = _stat_ends(ends, s, 16000 / s0, lambda m: 0 if m < k0 else (m - k0) // s0 + 1)
+    gn_ends = _stat_ends(ends, s)
     for e, se in zip(ends, gn_ends, strict=True):
         start = max(0, prev - tail)
         seg = x[None, start:e]
         stats = None
         if model.frontend.group_norm:
-            s1, s2, count = model.frontend.conv0_moments(x[None, :se])
-            mean = s1 / count
-            stats = (mean, s2 / count - mean * mean)
+            y0 = model.frontend.conv0(x[None, :se]).double()  # (1, T0, C): plain statistics over time
+            stats = (y0.mean(1), y0.var(1, unbiased=False))
         if cfg.num_frames(seg.shape[1]) > 0:
             feats.append(model.frontend(seg, stats))
         prev = e

@@ -14,7 +14,7 @@ from streamwavlm.audio.files import FileSource
 from streamwavlm.audio.source import AudioChunk, SourceStats
 from streamwavlm.checkpoint import load_model
 from streamwavlm.engine import Engine, EngineOutput
-from streamwavlm.streaming import StreamPool, StreamSettings
+from streamwavlm.streaming import StreamPool, StreamSettings, stream_audio
 
 SETTINGS = StreamSettings(chunk=4, left=16, lookahead=2)
 
@@ -50,11 +50,7 @@ def split(wav: np.ndarray, size: int) -> list[tuple[np.ndarray, int]]:
 
 
 def solo_frames(model, wav: np.ndarray) -> torch.Tensor:
-    pool = StreamPool(model, SETTINGS)
-    slot = pool.open("solo")
-    pool.push(slot, wav)
-    outs = pool.run(slot) + pool.close(slot)
-    return torch.cat([o.frames[0] for o in outs])
+    return torch.cat([o.frames[0] for o in stream_audio(StreamPool(model, SETTINGS), wav)])
 
 
 def collect() -> tuple[dict[str, list[EngineOutput]], object]:

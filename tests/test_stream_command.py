@@ -16,14 +16,11 @@ from streamwavlm.checkpoint import load_model
 from streamwavlm.cli import build_parser
 from streamwavlm.commands.stream import stream
 from streamwavlm.mqtt import EmbeddingMessage, subscribe
-from streamwavlm.streaming import StreamPool, StreamSettings
+from streamwavlm.streaming import StreamPool, StreamSettings, stream_audio
 
 
 def expected_frames(directory, wav, settings: StreamSettings) -> list[torch.Tensor]:
-    pool = StreamPool(load_model(directory), settings)
-    slot = pool.open("x")
-    pool.push(slot, wav)
-    return [o.frames for o in pool.run(slot) + pool.close(slot) if o.num_frames]
+    return [o.frames for o in stream_audio(StreamPool(load_model(directory), settings), wav) if o.num_frames]
 
 
 async def run_and_collect(argv: list[str], broker_url: str, n_expected: int) -> list[EmbeddingMessage]:
@@ -86,9 +83,7 @@ def test_xvectors_are_published(speech, tmp_path, mosquitto):
     wav = speech[:24000]
     sf.write(tmp_path / "in.wav", wav.numpy(), 16000, subtype="FLOAT")
     pool = StreamPool(load_model(directory), StreamSettings(chunk=8, left=20, xvector=XVectorSettings(30, 10)))
-    slot = pool.open("x")
-    pool.push(slot, wav)
-    expected = [v for o in pool.run(slot) + pool.close(slot) for v in o.xvectors]
+    expected = [v for o in stream_audio(pool, wav) for v in o.xvectors]
     argv = ["stream", "--checkpoint", str(directory), "--input", str(tmp_path / "in.wav"), "--broker", mosquitto.url,
             "--prefix", "t", "--chunk", "8", "--left", "20", "--xvector", "30,10"]
 

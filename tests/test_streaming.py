@@ -7,22 +7,31 @@ import pytest
 import torch
 from streaming_reference import masked_reference
 
+from streamwavlm.audio.queue import SampleQueue
 from streamwavlm.checkpoint import load_model
-from streamwavlm.streaming import NormPolicy, StreamPool, StreamSettings
+from streamwavlm.streaming import NormPolicy, StreamPool, StreamSettings, stream_audio
+
+
+def feed(pool: StreamPool, slot: int, queue: SampleQueue, samples) -> list:
+    """Queue ``samples`` and run every whole step the queue holds."""
+    queue.put(np.asarray(samples, dtype=np.float32))
+    outs = []
+    while len(queue) >= pool.need(slot):
+        outs += pool.step({slot: queue.take(pool.need(slot))})
+    return outs
 
 
 def stream_all(pool: StreamPool, wav: torch.Tensor, sizes, slot: int | None = None):
-    """Push ``wav`` in pieces of the given sizes (cycled), stepping as audio allows; then flush."""
+    """Hand ``wav`` over in pieces of the given sizes (cycled), stepping as audio allows; then close."""
     slot = pool.open("s") if slot is None else slot
+    queue = SampleQueue()
     outs, pos, i = [], 0, 0
     while pos < wav.numel():
         n = sizes[i % len(sizes)]
-        pool.push(slot, wav[pos:pos + n])
+        outs += feed(pool, slot, queue, wav[pos:pos + n])
         pos += n
         i += 1
-        outs += pool.run(slot)
-    outs += pool.close(slot)
-    return outs
+    return outs + pool.close(slot, queue.take(len(queue)))
 
 
 def frames_of(outs, row: int = 0) -> torch.Tensor:
@@ -79,7 +88,7 @@ def test_cnn_frames_equal_offline_for_any_push_size(models, speech, sizes):
     with torch.no_grad():  # and the CNN itself against the offline CNN over the whole utterance
         whole = model.cnn(wav[None])[0]
     pool = StreamPool(model, s)
-    slot = pool.open("x")
+    slot = pool.open("s")
     cnn = []
     orig = model.frontend.forward
     model.frontend.forward = lambda w, st=None: cnn.append(orig(w, st)) or cnn[-1]
@@ -109,22 +118,27 @@ def test_batched_streams_equal_solo_streams(models, speech):
     s = StreamSettings(chunk=4, left=12, lookahead=2)
     wavs = [speech[:15000], speech[3000:20000] * 0.5, speech[7000:30000]]
     solo = [frames_of(stream_all(StreamPool(model, s), w, [640])) for w in wavs]
-    pool = StreamPool(model, s, capacity=4)
+    pool = StreamPool(model, s, capacity=6)
+    for filler in range(6):
+        pool.open(f"filler{filler}")
+    for free in (0, 2, 5):  # the streams sit in scattered slots, with busy slots between them
+        pool.discard(free)
     slots = [pool.open(f"s{i}") for i in range(3)]
+    assert slots == [0, 2, 5]
+    queues = {slot: SampleQueue() for slot in slots}
     got = {i: [] for i in slots}
     offsets = [0, 0, 0]
     start_at = [0, 3, 6]  # streams join at different times and so sit at different positions
     for tick in range(60):
         for j, slot in enumerate(slots):
             if tick >= start_at[j] and offsets[j] < wavs[j].numel():
-                pool.push(slot, wavs[j][offsets[j]:offsets[j] + 640])
+                queues[slot].put(wavs[j][offsets[j]:offsets[j] + 640].numpy())
                 offsets[j] += 640
-        ready = pool.ready()
-        assert len(ready) <= 3
-        for o in pool.step():
+        ready = {slot: q.take(pool.need(slot)) for slot, q in queues.items() if len(q) >= pool.need(slot)}
+        for o in pool.step(ready):
             got[pool.slot_of(o.stream_id)].append(o)
     for j, slot in enumerate(slots):
-        got[slot] += pool.close(slot)
+        got[slot] += pool.close(slot, queues[slot].take(len(queues[slot])))
         assert (frames_of(got[slot]) - solo[j]).abs().max() < 1e-5
 
 
@@ -135,19 +149,18 @@ def test_save_restore_equals_uninterrupted(models, speech):
     full = frames_of(stream_all(StreamPool(model, s), wav, [1000]))
     pool = StreamPool(model, s)
     slot = pool.open("s")
-    outs = []
-    pool.push(slot, wav[:9000])
-    outs += pool.run(slot)
-    state = pool.save(slot)
-    pool.push(slot, torch.randn(5000))  # diverge, then go back
-    pool.run(slot)
+    queue = SampleQueue()
+    outs = feed(pool, slot, queue, wav[:9000])
+    state, kept = pool.save(slot), queue.take(len(queue))
+    feed(pool, slot, SampleQueue(), torch.randn(5000))  # diverge, then go back
     other = StreamPool(model, s, capacity=2)
     other.open("someone-else")
     moved = other.open("placeholder")
     other.close(moved)
     other.restore(moved, state)
-    other.push(moved, wav[9000:])
-    outs += other.run(moved) + other.close(moved)
+    queue = SampleQueue()
+    queue.put(kept)
+    outs += feed(other, moved, queue, wav[9000:]) + other.close(moved, queue.take(len(queue)))
     assert (frames_of(outs) - full).abs().max() < 1e-6
 
 
@@ -156,48 +169,76 @@ def test_reset_starts_over(models, speech):
     s = StreamSettings(chunk=4, left=10)
     pool = StreamPool(model, s)
     slot = pool.open("s")
-    pool.push(slot, speech[:5000])
-    pool.run(slot)
+    feed(pool, slot, SampleQueue(), speech[:5000])
     pool.reset(slot)
     first = frames_of(stream_all(pool, speech[:8000], [800], slot))
     again = frames_of(stream_all(StreamPool(model, s), speech[:8000], [800]))
     assert torch.equal(first, again)
 
 
-def test_cache_stays_bounded_on_long_streams(models):
+def test_cache_rings_hold_the_last_frames_over_many_wraps(models):
+    """After many wraps each layer's ring holds exactly the keys and values of the last L + C frames
+    (recomputed from the masked offline reference's layer inputs), each at entry ``frame % (L + C)``."""
     model = models["large"]
     s = StreamSettings(chunk=8, left=24)
+    ring = s.left + s.chunk
     pool = StreamPool(model, s)
     slot = pool.open("long")
-    sizes = {k: v.shape for k, v in pool._t.items()}
+    rings = pool._state.rings
+    storage = [t.data_ptr() for t in rings.keys + rings.values]
     rng = np.random.default_rng(0)
-    frames = 0
-    for _ in range(40):  # 40 x 2.56 s
-        pool.push(slot, rng.standard_normal(40960).astype(np.float32) * 0.1)
-        frames += sum(o.num_frames for o in pool.run(slot))
-    assert {k: v.shape for k, v in pool._t.items()} == sizes
-    assert pool._t["k0"].shape[2] == s.left + s.chunk
-    assert frames == 40 * 128 - 8 or frames == 40 * 128  # all frames with a full chunk
+    wav = torch.from_numpy(rng.standard_normal(16000 * 6).astype(np.float32) * 0.1)
+    queue = SampleQueue()
+    frames = sum(o.num_frames for o in feed(pool, slot, queue, wav))
+    assert frames == 296 and frames > 7 * ring  # the ring wrapped more than 7 times
+    ref = masked_reference(model, wav[:pool.cfg.receptive_field - pool.cfg.hop + frames * pool.cfg.hop], s)
+    positions = rings.positions[slot]
+    assert sorted(positions.tolist()) == list(range(frames - ring, frames))
+    assert torch.equal(positions % ring, torch.arange(ring))
+    for i, layer in enumerate(model.encoder.layers):
+        x = ref.hidden_states[i][0, :frames]
+        with torch.no_grad():
+            _, k, v, _ = layer.attn.project(layer.attn_norm(x[None]) if layer.pre_norm else x[None])
+        for cache, expected in ((rings.keys[i], k), (rings.values[i], v)):
+            err = (cache[slot][:, positions % ring] - expected[0][:, positions]).abs().max()
+            assert err < 1e-4, f"layer {i}: {err:.2e}"
+    assert [t.data_ptr() for t in rings.keys + rings.values] == storage  # written in place, never regrown
 
 
-def test_bad_audio_is_refused_and_stream_continues(models, speech):
+def test_bad_steps_are_refused_and_stream_continues(models, speech):
     from streamwavlm.audio.validate import AudioError
 
     model = models["base"]
     s = StreamSettings(chunk=4, left=8)
     pool = StreamPool(model, s)
     slot = pool.open("s")
-    pool.push(slot, speech[:3000])
+    need = pool.need(slot)
+    with pytest.raises(ValueError, match=f"exactly {need} samples"):
+        pool.step({slot: speech[:need - 1]})
+    with pytest.raises(ValueError, match="1-D float32"):
+        pool.step({slot: speech[:need].double()})
+    with pytest.raises(ValueError, match="1-D float32"):
+        pool.step({slot: torch.zeros(need, 2)})
     bad = speech[3000:4000].clone()
     bad[10] = float("nan")
-    with pytest.raises(AudioError, match="NaN"):
-        pool.push(slot, bad)
-    with pytest.raises(AudioError, match="mono"):
-        pool.push(slot, torch.zeros(100, 2))
-    pool.push(slot, speech[3000:9000])
-    got = frames_of(pool.run(slot) + pool.close(slot))
-    ref = frames_of(stream_all(StreamPool(model, s), speech[:9000], [9000]))
+    with pytest.raises(AudioError, match="NaN"):  # validated where it enters
+        stream_audio(StreamPool(model, s), bad)
+    got = frames_of(stream_all(pool, speech[:9000], [9000], slot))
+    ref = frames_of(stream_audio(StreamPool(model, s), speech[:9000]))
     assert torch.equal(got, ref)
+
+
+def test_closing_with_queued_steps_equals_stepping_then_flushing(models, speech):
+    """close() with several whole steps still pending runs them as ordinary steps (docs/streaming.md rule 6)."""
+    model = models["base"]
+    s = StreamSettings(chunk=4, left=8, lookahead=3)
+    wav = speech[:20000]
+    stepped = frames_of(stream_all(StreamPool(model, s), wav, [500]))
+    pool = StreamPool(model, s)
+    slot = pool.open("late")
+    need = pool.need(slot)
+    outs = pool.step({slot: wav[:need]}) + pool.close(slot, wav[need:])  # one step, then everything at once
+    assert torch.equal(frames_of(outs), stepped)
 
 
 def test_settings_are_validated(models):
@@ -256,13 +297,13 @@ def test_an_hour_of_audio_keeps_a_flat_footprint(models):
     model = models["base"]
     pool = StreamPool(model, StreamSettings(chunk=50, left=250, lookahead=8))
     slot = pool.open("hour")
+    queue = SampleQueue()
     rng = np.random.default_rng(0)
     block = rng.standard_normal(16000 * 10).astype(np.float32) * 0.1
     frames, marks = 0, []
     for minute in range(60):
         for _ in range(6):
-            pool.push(slot, block)
-            frames += sum(o.num_frames for o in pool.run(slot))
+            frames += sum(o.num_frames for o in feed(pool, slot, queue, block))
         if minute in (5, 59):
             marks.append(rss_mb())
     assert frames >= 3600 * 50 - 100

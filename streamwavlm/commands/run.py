@@ -1,7 +1,7 @@
 """``streamwavlm run``: audio through the streaming encoder chunk by chunk, with per-chunk latency.
 
-The audio (default: the bundled speech sample) is pushed in blocks of one chunk, as a live source would
-deliver it; every step's compute time is measured. The emitted frames are compared with the offline model
+The audio (default: the bundled speech sample) is handed to the encoder one step at a time, as the engine
+does for a live source; every step's compute time is measured. The emitted frames are compared with the offline model
 over the same audio, and saved.
 """
 
@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..audio.files import load_audio
+from ..audio.queue import SampleQueue
 from ..audio.validate import SAMPLE_RATE
 from ..checkpoint import model_from_setting
 from ..streaming import StreamPool
@@ -50,16 +51,16 @@ def run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     pool = StreamPool(model, settings)
     slot = pool.open("sample")
-    block = cfg.hop * settings.chunk
+    queue = SampleQueue()
+    queue.put(wav.numpy())
     step_ms, outputs = [], []
-    for pos in range(0, wav.numel(), block):
-        pool.push(slot, wav[pos:pos + block])
-        for ready in iter(pool.ready, []):
-            start = time.perf_counter()
-            outputs += pool.step(ready)
-            step_ms.append(1000 * (time.perf_counter() - start))
+    while len(queue) >= pool.need(slot):
+        samples = queue.take(pool.need(slot))
+        start = time.perf_counter()
+        outputs += pool.step({slot: samples})
+        step_ms.append(1000 * (time.perf_counter() - start))
     start = time.perf_counter()
-    outputs += pool.close(slot)
+    outputs += pool.close(slot, queue.take(len(queue)))
     flush_ms = 1000 * (time.perf_counter() - start)
     frames = torch.cat([o.frames for o in outputs], 1)  # (layers, T, D)
     offline = model(wav[None])

@@ -1,35 +1,46 @@
-"""Self-attention with WavLM's gated relative position bias.
+"""Self-attention with WavLM's gated relative position bias, with or without a K/V cache.
 
 q, k, v and the gate's two logits per head come out of one GEMM: the gate's ``Linear(head_dim, 8)`` is
 summed over its two groups of four rows (``s_a = sum(W[0:4]) . x_h + sum(b[0:4])``), which makes it a
 block-diagonal ``D -> 2H`` projection that is appended to the QKV weight. The fused weight is derived from
 the checkpoint parameters whenever they are loaded (:meth:`SelfAttention.fuse`); the parameters
 themselves keep the checkpoint's layout.
+
+The same module serves the offline model and the streaming pool: offline it attends over the keys of its own
+call; given a :class:`KVCache` it first writes this call's keys and values into the cache and attends over
+what the cache holds, at the positions the context's :class:`~streamwavlm.kernels.KeyLayout` names.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
-from ..kernels import gated_rel_attention
+from ..kernels import KeyLayout, gate_from_logits, gated_rel_attention
 from .linear import Linear, Packed, linear, pack
 
 
 @dataclass
 class AttentionContext:
-    """Where the queries and keys of one forward sit, and which keys each query may see."""
+    """What the layers of one forward share: the bias table, the key layout, and what the attention derives
+    from the layout once (``memo``) instead of once per layer."""
 
     table: Tensor  # (H, 2M+1) fp32 bias per clamped distance
-    q_pos: Tensor  # (B, Tq) absolute frame index of each query
-    k_pos: Tensor  # (B, Tk) absolute frame index of each key (cache first, then the new frames)
-    k_len: Tensor | None = None  # (B,) valid keys per row (padding / partly filled caches)
-    chunk: int | None = None  # streaming block mask: chunk size in frames
-    left: int | None = None  # ... and left context in frames (None: unlimited)
-    memo: dict = field(default_factory=dict)  # what the attention derives from the positions, shared by layers
+    layout: KeyLayout
+    memo: dict = field(default_factory=dict)
+
+
+class KVCache(Protocol):
+    """A layer's key/value store across calls (the streaming pool's ring buffers)."""
+
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this call's keys and values ``(B, H, T, hd)``; return the keys and values to attend over,
+        laid out as the context's ``layout.k_pos`` (and ``layout.rows``) say."""
+        ...
 
 
 class SelfAttention(nn.Module):
@@ -65,30 +76,20 @@ class SelfAttention(nn.Module):
         self.qkvg_packed = pack(self.qkvg_weight, self.qkvg_bias)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """q, k, v ``(B, H, T, hd)`` and the gate ``(B, H, T)`` of the attention input ``x (B, T, D)``."""
+        """q, k, v ``(B, H, T, hd)`` and the fp32 gate ``(B, H, T)`` of the attention input ``x (B, T, D)``."""
         b, t, d = x.shape
         h, hd = self.num_heads, self.head_dim
         y = linear(x, self.qkvg_weight, self.qkvg_bias, self.qkvg_packed)
         q, k, v = (y[..., i * d:(i + 1) * d].view(b, t, h, hd).transpose(1, 2) for i in range(3))
-        logits = y[..., 3 * d:].view(b, t, h, 2)
-        a, g = torch.sigmoid(logits.float()).unbind(-1)
-        gate = a * (g * self.gate_const.float() - 1.0) + 2.0
-        return q, k, v, gate.transpose(1, 2)
+        logits = y[..., 3 * d:].view(b, t, h, 2).transpose(1, 2)
+        return q, k, v, gate_from_logits(logits, self.gate_const)
 
-    def forward(
-        self, x: Tensor, ctx: AttentionContext, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Attention output ``(B, T, D)`` and this call's new keys and values ``(B, H, T, hd)``.
-
-        ``past``: cached keys and values ``(B, H, Tc, hd)`` that precede the new frames in ``ctx.k_pos``.
-        """
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> Tensor:
+        """Attention output ``(B, T, D)`` of ``x (B, T, D)``, over ``cache`` (after storing this call's keys
+        and values in it) or over this call's own keys."""
         q, k, v, gate = self.project(x)
-        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-        return self.attend(q, k_all, v_all, gate, ctx), k, v
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, gate: Tensor, ctx: AttentionContext) -> Tensor:
-        """Attention of projected queries over keys/values ``(B, H, Tk, hd)``, then the output projection."""
-        out = gated_rel_attention(q, k, v, gate, ctx.table, ctx.q_pos, ctx.k_pos,
-                                  k_len=ctx.k_len, chunk=ctx.chunk, left=ctx.left, memo=ctx.memo)
+        if cache is not None:
+            k, v = cache.write(k, v)
+        out = gated_rel_attention(q, k, v, gate, ctx.table, ctx.layout, ctx.memo)
         b, h, t, hd = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(b, t, h * hd))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
-from .attention import AttentionContext, SelfAttention
+from .attention import AttentionContext, KVCache, SelfAttention
 from .linear import Linear
 
 
@@ -90,7 +90,10 @@ class FeedForward(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One Transformer layer; ``pre_norm`` selects Large's pre-LN order over Base's post-LN order."""
+    """One Transformer layer; ``pre_norm`` selects Large's pre-LN order over Base's post-LN order.
+
+    The offline model and the streaming pool both call it; the pool passes the layer's K/V ``cache``.
+    """
 
     def __init__(self, cfg: WavLMConfig) -> None:
         super().__init__()
@@ -100,17 +103,10 @@ class EncoderLayer(nn.Module):
         self.ffn = FeedForward(cfg)
         self.ffn_norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.layer_norm_eps)
 
-    def forward(
-        self, x: Tensor, ctx: AttentionContext, past: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Layer output ``(B, T, D)`` and the new keys and values of this call (for K/V caches)."""
-        a, k, v = self.attn(self.attn_norm(x) if self.pre_norm else x, ctx, past)
-        return self.finish(x, a), k, v
-
-    def finish(self, x: Tensor, a: Tensor) -> Tensor:
-        """Everything after the attention: residual, norms and the feed-forward block."""
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> Tensor:
+        """Layer output ``(B, T, D)``."""
         if self.pre_norm:
-            x = x + a
+            x = x + self.attn(self.attn_norm(x), ctx, cache)
             return x + self.ffn(self.ffn_norm(x))
-        x = self.attn_norm(x + a)
+        x = self.attn_norm(x + self.attn(x, ctx, cache))
         return self.ffn_norm(x + self.ffn(x))

@@ -7,7 +7,7 @@ Block 0 of the group-norm variant (Base, Base+) normalises each channel over the
 the one part of WavLM that cannot stream exactly. The front end therefore takes the GroupNorm statistics as
 an optional argument: offline they come from the input itself; the streaming encoder supplies running or
 frozen statistics; a long utterance can be processed in blocks with statistics from a first cheap pass
-(:meth:`FrontEnd.conv0_moments`), which keeps peak memory flat.
+(:meth:`FrontEnd.conv0`), which keeps peak memory flat.
 """
 
 from __future__ import annotations
@@ -45,14 +45,13 @@ class FrontEnd(nn.Module):
     def group_norm(self) -> bool:
         return self.cfg.extractor_mode == "default"
 
-    def conv0_moments(self, wav: Tensor) -> tuple[Tensor, Tensor, int]:
-        """Per-channel sum and sum of squares (fp64) of conv 0's output ``(B, C)``, and its length.
+    def conv0(self, wav: Tensor) -> Tensor:
+        """Conv 0's output ``(B, T0, C)`` of samples ``(B, N)``: what the GroupNorm's statistics are taken over.
 
-        These are the sufficient statistics of the GroupNorm; they add over disjoint spans of conv-0
-        frames, which is what makes blocked and running statistics possible.
+        Its moments (:class:`~.moments.Moments`) add over disjoint spans of conv-0 frames, which is what makes
+        blocked and running statistics possible.
         """
-        y = self.convs[0](wav[:, None, :]).double()
-        return y.sum(2), (y * y).sum(2), y.shape[2]
+        return self.convs[0](wav[:, None, :]).transpose(1, 2)
 
     def forward(self, wav: Tensor, stats: Stats | Callable[[Tensor], Stats] | None = None) -> Tensor:
         """``(B, N)`` samples to ``(B, T, C)`` features.

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
-from .attention import AttentionContext
+from ..kernels import KeyLayout
+from .attention import AttentionContext, KVCache
 from .encoder import EncoderLayer, FeatureProjection, PositionalConv
 from .frontend import FrontEnd
 from .linear import Linear
+from .moments import Moments
 from .position import bias_table
 from .xvector import XVectorHead
 
@@ -68,6 +70,20 @@ class Encoder(nn.Module):
     def output_norm(self, x: Tensor) -> Tensor:
         """The LayerNorm applied after the last layer in pre-LN models (identity for post-LN)."""
         return self.norm(x) if self.cfg.layer_norm_first else x
+
+    def forward(self, x: Tensor, layout: KeyLayout, caches: list[KVCache] | None = None,
+                depth: int | None = None) -> list[Tensor]:
+        """Hidden states ``[h_0 .. h_depth]`` of the Transformer over the encoder input ``h_0 = x (B, T, D)``.
+
+        Offline, ``layout`` places the queries and keys at the frames of ``x``; the streaming pool passes
+        each layer's K/V cache and a layout over what the caches hold. ``depth``: stop after that many layers.
+        """
+        ctx = AttentionContext(self.table, layout)
+        hidden = [x]
+        for i, layer in enumerate(self.layers[:depth]):
+            x = layer(x, ctx, None if caches is None else caches[i])
+            hidden.append(x)
+        return hidden
 
 
 class WavLM(nn.Module):
@@ -128,13 +144,11 @@ class WavLM(nn.Module):
         _, k0, s0 = self.cfg.conv_layers[0]
         n0 = (wav.shape[-1] - k0) // s0 + 1  # conv-0 frames the whole input makes
         step = block_frames * self.cfg.hop // s0  # conv-0 frames per block
-        total = sq = None
+        moments = Moments.zeros(wav.shape[0], self.cfg.conv_layers[0][0], wav.device)
         for u in range(0, n0, step):
             end = min(u + step, n0)
-            s1, s2, _ = self.frontend.conv0_moments(wav[:, u * s0: (end - 1) * s0 + k0])
-            total, sq = (s1, s2) if total is None else (total + s1, sq + s2)
-        mean = total / n0
-        return mean, (sq / n0 - mean * mean).clamp_min(0.0)
+            moments.add(self.frontend.conv0(wav[:, u * s0: (end - 1) * s0 + k0]))
+        return moments.mean_var()
 
     def forward(self, wav: Tensor, lengths: Tensor | None = None) -> WavLMOutput:
         """All hidden states of ``wav (B, N)`` float 16 kHz; ``lengths (B,)`` valid samples when padded.
@@ -168,17 +182,12 @@ class WavLM(nn.Module):
         """The Transformer layers over the encoder input ``h_0 (B, T, D)`` (after the positional conv);
         ``chunk``/``left`` apply the streaming block mask (the masked offline reference of the streaming
         encoder)."""
-        enc = self.encoder
         b, t, _ = x.shape
         pos = torch.arange(t, device=x.device).expand(b, t)
-        ctx = AttentionContext(enc.table, pos, pos, k_len=k_len, chunk=chunk, left=left)
-        hidden = [x]
-        for layer in enc.layers:
-            x, _, _ = layer(x, ctx)
-            hidden.append(x)
+        hidden = self.encoder(x, KeyLayout(pos, pos, k_len, chunk, left))
         if frame_lengths is None:
             frame_lengths = torch.full((b,), t, dtype=torch.long)
-        return WavLMOutput(hidden, enc.output_norm(x), frame_lengths)
+        return WavLMOutput(hidden, self.encoder.output_norm(hidden[-1]), frame_lengths)
 
     def xvector_embedding(self, out: WavLMOutput) -> Tensor:
         """The 512-d speaker embedding of each utterance (statistics over its valid TDNN frames)."""

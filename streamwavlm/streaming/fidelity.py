@@ -26,6 +26,7 @@ from ..audio.validate import SAMPLE_RATE
 from ..model.wavlm import WavLM
 from .pool import StreamPool
 from .settings import NormPolicy, StreamSettings
+from .whole import stream_audio
 
 DEFAULT_CHUNKS = (8, 16, 50)
 DEFAULT_LEFTS = (50, 250)
@@ -114,8 +115,8 @@ def measure(
     """Stream ``wav`` (16 kHz mono, 1-D) once per setting and compare every layer with ``model(wav)``.
 
     Each setting's ``layers`` and ``final_norm`` are overridden (all layers, raw ``h_L``) so that the
-    streams produce exactly the offline ``hidden_states``. Audio is pushed one chunk's worth at a time, as a
-    live source would deliver it; the RTF covers pushing, stepping and the final flush. ``progress`` is
+    streams produce exactly the offline ``hidden_states``. Audio arrives one chunk's worth at a time, as a
+    live source would deliver it; the RTF covers queueing, stepping and the final flush. ``progress`` is
     called with each row as soon as it is measured (a full grid over long audio takes minutes).
     """
     cfg = model.cfg
@@ -127,15 +128,8 @@ def measure(
     rows = []
     for given in settings_grid:
         s = replace(given, layers=all_layers, final_norm=False)
-        pool = StreamPool(model, s)
-        slot = pool.open("fidelity")
-        piece = cfg.hop * s.chunk
         start = time.perf_counter()
-        outputs = []
-        for a in range(0, wav.numel(), piece):
-            pool.push(slot, wav[a:a + piece])
-            outputs += pool.run(slot)
-        outputs += pool.close(slot)
+        outputs = stream_audio(StreamPool(model, s), wav, "fidelity", pieces=cfg.hop * s.chunk)
         rtf = (time.perf_counter() - start) / seconds
         streamed = torch.cat([o.frames for o in outputs], dim=1)  # (L+1, T, D)
         if streamed.shape[1] != offline[0].shape[0]:

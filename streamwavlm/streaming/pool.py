@@ -1,38 +1,41 @@
 """A pool of stream slots whose states are batched tensors, so one forward steps every ready stream.
 
-Each slot is one stream. A step consumes ``hop * chunk`` new samples per stream (the first step also the
-``lookahead`` frames and the CNN's extra window) and yields ``chunk`` encoder frames per stream:
+Each slot is one stream. The pool owns no audio: a caller hands it exactly one step's samples per ready
+stream (``step({slot: samples})``, :meth:`StreamPool.need` says how many) and the end of a stream's audio
+(``close``). A step turns ``hop * chunk`` new samples per stream (the first step also the ``lookahead``
+frames and the CNN's extra window) into ``chunk`` encoder frames per stream:
 
 1. waveform normalisation (Large) with the stream's running or frozen statistics;
 2. the CNN over the new samples plus a tail of ``receptive_field - hop`` samples (exact), with GroupNorm
    statistics (Base/Base+) accumulated over conv-0 frames;
 3. projection, then the positional convolution over a window of the 64 previous frames, the chunk and the
    ``lookahead`` next frames (taps beyond the lookahead are dropped: the future is zero);
-4. every Transformer layer, the chunk's queries against a K/V ring buffer of ``left + chunk`` frames with
-   absolute positions; stale and empty entries are excluded by the block rule on positions;
+4. the model's own Transformer layers, each with its K/V ring of ``left + chunk`` frames as cache; the rings
+   stay where they are in the pool (scattered ready slots are read in place, only new entries written);
 5. the requested outputs, and sliding-window x-vectors through a TDNN cache.
 
-The states are plain tensors indexed by slot; :meth:`StreamPool.save` and :meth:`StreamPool.restore` move a
-stream's state out of and into a pool, which makes pause/resume and migration possible.
+The state is typed (:mod:`.state`); :meth:`StreamPool.save` and :meth:`StreamPool.restore` move a stream's
+state out of and into a pool, which makes pause/resume and migration possible.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..audio.validate import SAMPLE_RATE, to_float_mono
-from ..model.attention import AttentionContext
+from ..audio.validate import SAMPLE_RATE
+from ..kernels import KeyLayout
+from ..model.moments import Moments
 from ..model.wavlm import WavLM
 from .settings import NormPolicy, StreamSettings
+from .state import FrontState, KVRings, StreamProgress, StreamState, StreamTensors, XVectorState
 
-# position of an empty cache entry: far enough back that the left-context rule masks it
-EMPTY_POS = -(1 << 40)
+Samples = np.ndarray | Tensor
 
 
 @dataclass
@@ -51,47 +54,13 @@ class ChunkOutput:
         return self.frames.shape[1]
 
 
-@dataclass
-class _Slot:
-    stream_id: str
-    pending: deque[np.ndarray] = field(default_factory=deque)
-    pending_len: int = 0
-    started: bool = False  # first step (with its lookahead) done
-    frames_out: int = 0  # encoder frames emitted (= next chunk start)
-    tdnn_frames: int = 0  # TDNN frames computed (x-vectors)
-    next_xvector: int = 0  # TDNN frame count at which the next x-vector is due
-    tdnn_window: Tensor | None = None  # recent TDNN frames (<= window + chunk, F)
-
-    def take(self, n: int) -> np.ndarray:
-        out = np.empty(n, dtype=np.float32)
-        filled = 0
-        while filled < n:
-            head = self.pending[0]
-            k = min(n - filled, len(head))
-            out[filled:filled + k] = head[:k]
-            filled += k
-            if k == len(head):
-                self.pending.popleft()
-            else:
-                self.pending[0] = head[k:]
-        self.pending_len -= n
-        return out
-
-
-@dataclass
-class StreamState:
-    """One stream's complete state, detached from any pool (save/restore, reset, migration)."""
-
-    settings: StreamSettings
-    slot: _Slot
-    tensors: dict[str, Tensor]
-
-
 class StreamPool:
     """Up to ``capacity`` concurrent streams over one model, stepped together."""
 
     def __init__(self, model: WavLM, settings: StreamSettings, capacity: int = 1) -> None:
         settings.validate(model.cfg)
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1 stream, got {capacity}")
         self.model = model.eval()
         self.settings = settings
         self.capacity = capacity
@@ -102,214 +71,197 @@ class StreamPool:
         pc = model.encoder.pos_conv
         self.pos_left = pc.left
         self.pos_weight = pc.truncated_weight(settings.lookahead)
-        self.ring = settings.left + settings.chunk
-        self._slots: list[_Slot | None] = [None] * capacity
-        self._t = self._init_tensors(capacity)
+        self._streams: list[StreamProgress | None] = [None] * capacity
+        self._state = self._zeros(capacity)
         self._out_ids = tuple(settings.output_layers(cfg)) + ((-1,) if settings.layer_weights else ())
         if settings.layer_weights is not None:
             self._mix = torch.tensor(settings.layer_weights, dtype=torch.float32)
 
-    # ------------------------------------------------------------------ state tensors
-    def _init_tensors(self, n: int) -> dict[str, Tensor]:
+    def _zeros(self, rows: int) -> StreamTensors:
         cfg, s = self.cfg, self.settings
         param = next(self.model.parameters())
         dev = param.device
-        act, f64 = dict(dtype=param.dtype, device=dev), dict(dtype=torch.float64, device=dev)
-        t = {
-            "tail": torch.zeros(n, self.tail_len, **act),
-            "hist": torch.zeros(n, self.pos_left + s.lookahead, cfg.embed_dim, **act),
-            "kpos": torch.full((n, self.ring), EMPTY_POS, dtype=torch.long, device=dev),
-        }
-        if self.model.frontend.group_norm:
-            c0 = cfg.conv_layers[0][0]
-            t |= {"gn_sum": torch.zeros(n, c0, **f64), "gn_sq": torch.zeros(n, c0, **f64),
-                  "gn_count": torch.zeros(n, **f64)}
-        if cfg.normalize:
-            t |= {"wav_sum": torch.zeros(n, **f64), "wav_sq": torch.zeros(n, **f64),
-                  "wav_count": torch.zeros(n, **f64)}
-        for i in range(self.depth):
-            t[f"k{i}"] = torch.zeros(n, cfg.num_heads, self.ring, cfg.head_dim, **act)
-            t[f"v{i}"] = torch.zeros(n, cfg.num_heads, self.ring, cfg.head_dim, **act)
-        if s.xvector is not None and self.model.xvector is not None:
-            rf = cfg.xvector.receptive_field  # type: ignore[union-attr]
-            t["tdnn_in"] = torch.zeros(n, rf - 1, cfg.xvector.projector_dim, **act)  # type: ignore[union-attr]
-        return t
+        act = dict(dtype=param.dtype, device=dev)
+        head = cfg.xvector if s.xvector is not None else None
+        front = FrontState(
+            cnn_tail=torch.zeros(rows, self.tail_len, **act),
+            pos_history=torch.zeros(rows, self.pos_left + s.lookahead, cfg.embed_dim, **act),
+            wav_moments=Moments.zeros(rows, None, dev) if cfg.normalize else None,
+            gn_moments=Moments.zeros(rows, cfg.conv_layers[0][0], dev) if self.model.frontend.group_norm else None,
+            tdnn_inputs=None if head is None else torch.zeros(rows, head.receptive_field - 1, head.projector_dim,
+                                                              **act),
+        )
+        ring = s.left + s.chunk
+        kv = [torch.zeros(rows, cfg.num_heads, ring, cfg.head_dim, **act) for _ in range(2 * self.depth)]
+        rings = KVRings(torch.zeros(rows, ring, dtype=torch.long, device=dev), kv[:self.depth], kv[self.depth:])
+        state = StreamTensors(front, rings)
+        state.clear(torch.arange(rows, device=dev))
+        return state
+
+    def _rows(self, slots: list[int]) -> Tensor:
+        return torch.tensor(slots, device=self._state.rings.positions.device)
 
     # ------------------------------------------------------------------ stream lifecycle
     def open(self, stream_id: str) -> int:
         """Give a new stream a free slot and return the slot index."""
-        if any(s is not None and s.stream_id == stream_id for s in self._slots):
+        if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} is already open")
-        for i, s in enumerate(self._slots):
+        for i, s in enumerate(self._streams):
             if s is None:
-                self._slots[i] = _Slot(stream_id)
-                self._reset_tensors(i)
+                self._streams[i] = StreamProgress(stream_id)
+                self._state.clear(self._rows([i]))
                 return i
         raise RuntimeError(f"the pool is full ({self.capacity} streams); close one or use a larger capacity")
 
     def slot_of(self, stream_id: str) -> int:
-        for i, s in enumerate(self._slots):
-            if s is not None and s.stream_id == stream_id:
-                return i
-        raise KeyError(f"no open stream {stream_id!r}")
+        slot = self.streams.get(stream_id)
+        if slot is None:
+            raise KeyError(f"no open stream {stream_id!r}")
+        return slot
 
     @property
     def streams(self) -> dict[str, int]:
-        return {s.stream_id: i for i, s in enumerate(self._slots) if s is not None}
-
-    def push(self, slot: int, samples: np.ndarray | Tensor) -> None:
-        """Queue 16 kHz mono samples (any length). Bad audio is refused before anything is queued."""
-        st = self._slot(slot)
-        x = to_float_mono(samples, SAMPLE_RATE, source=f"stream {st.stream_id}").numpy()
-        if len(x):
-            st.pending.append(x.copy())
-            st.pending_len += len(x)
+        return {s.stream_id: i for i, s in enumerate(self._streams) if s is not None}
 
     def reset(self, slot: int) -> None:
-        """Forget everything about the stream in ``slot`` (caches, statistics, queued audio)."""
-        self._slots[slot] = _Slot(self._slot(slot).stream_id)
-        self._reset_tensors(slot)
+        """Forget everything about the stream in ``slot`` (caches, statistics, counters)."""
+        self._streams[slot] = StreamProgress(self._progress(slot).stream_id)
+        self._state.clear(self._rows([slot]))
 
-    def close(self, slot: int) -> list[ChunkOutput]:
-        """Flush the stream (the end of audio counts as silence beyond it) and free the slot."""
-        outputs = self._flush(slot)
-        self._slots[slot] = None
-        return outputs
+    def discard(self, slot: int) -> None:
+        """Free ``slot`` without flushing (a failed or shed stream)."""
+        self._progress(slot)
+        self._streams[slot] = None
 
     def save(self, slot: int) -> StreamState:
-        st = self._slot(slot)
-        return StreamState(self.settings, copy.deepcopy(st), {k: v[slot].clone() for k, v in self._t.items()})
+        """A detached copy of the stream's state."""
+        return StreamState(self.settings, copy.deepcopy(self._progress(slot)), self._state.take(self._rows([slot])))
 
     def restore(self, slot: int, state: StreamState) -> None:
         """Load a saved state into ``slot`` (which must be free or hold the same stream)."""
         if state.settings != self.settings:
             raise ValueError("the saved stream used other settings; restore it into a pool with the same")
-        current = self._slots[slot]
-        if current is not None and current.stream_id != state.slot.stream_id:
+        current = self._streams[slot]
+        if current is not None and current.stream_id != state.progress.stream_id:
             raise ValueError(f"slot {slot} holds stream {current.stream_id!r}")
-        for k, v in self._t.items():
-            v[slot].copy_(state.tensors[k])
-        self._slots[slot] = copy.deepcopy(state.slot)
+        if state.progress.stream_id in self.streams and self.streams[state.progress.stream_id] != slot:
+            raise ValueError(f"stream {state.progress.stream_id!r} is open in another slot")
+        self._state.put(self._rows([slot]), state.tensors)
+        self._streams[slot] = copy.deepcopy(state.progress)
 
-    def _reset_tensors(self, slot: int) -> None:
-        for k, v in self._t.items():
-            v[slot].fill_(EMPTY_POS if k == "kpos" else 0)
-
-    def _slot(self, slot: int) -> _Slot:
-        st = self._slots[slot] if 0 <= slot < self.capacity else None
+    def _progress(self, slot: int) -> StreamProgress:
+        st = self._streams[slot] if 0 <= slot < self.capacity else None
         if st is None:
             raise KeyError(f"slot {slot} holds no stream")
         return st
 
     # ------------------------------------------------------------------ stepping
-    def _need(self, st: _Slot) -> int:
-        """Samples the stream's next step consumes."""
+    def need(self, slot: int) -> int:
+        """Samples the stream's next step consumes: ``80 + 320 (C + P)`` the first time, then ``320 C``."""
         c, s = self.cfg, self.settings
-        if st.started:
+        if self._progress(slot).started:
             return c.hop * s.chunk
         return self.tail_len + c.hop * (s.chunk + s.lookahead)
 
-    def needed(self, slot: int) -> int:
-        """Samples the stream in ``slot`` still needs queued before its next step can run."""
-        st = self._slot(slot)
-        return max(0, self._need(st) - st.pending_len)
+    def step(self, audio: Mapping[int, Samples]) -> list[ChunkOutput]:
+        """Advance each given slot by one chunk with exactly :meth:`need` float32 16 kHz samples.
 
-    def discard(self, slot: int) -> None:
-        """Free ``slot`` without flushing (a failed or shed stream)."""
-        self._slot(slot)
-        self._slots[slot] = None
-
-    def ready(self) -> list[int]:
-        """Slots with enough queued audio for a step."""
-        return [i for i, st in enumerate(self._slots) if st is not None and st.pending_len >= self._need(st)]
-
-    def step(self, slots: list[int] | None = None) -> list[ChunkOutput]:
-        """Advance every ready slot (or the given ones) by one chunk, batching those at the same phase."""
-        ready = self.ready() if slots is None else slots
+        Streams at the same phase (first step or not) share one batched forward. The samples must already be
+        validated (finite, mono, 16 kHz: where audio enters, e.g. :func:`~streamwavlm.audio.validate.to_float_mono`).
+        """
+        batch = {slot: self._samples(slot, x, exact=True) for slot, x in audio.items()}
         outputs: list[ChunkOutput] = []
-        for first in (False, True):
-            group = [i for i in ready if self._slot(i).started != first]
+        for started in (True, False):
+            group = [i for i in batch if self._progress(i).started == started]
             if group:
-                audio = [self._slot(i).take(self._need(self._slot(i))) for i in group]
-                outputs += self._advance(group, audio, flush=False)
+                outputs += self._advance(group, [batch[i] for i in group], flush=False)
         return outputs
 
-    def run(self, slot: int) -> list[ChunkOutput]:
-        """Step one stream for as long as it has queued audio."""
+    def close(self, slot: int, samples: Samples | None = None) -> list[ChunkOutput]:
+        """End the stream with its remaining samples and free the slot.
+
+        Whole steps among ``samples`` run as ordinary steps first, so closing equals stepping then flushing;
+        the rest is flushed (frames beyond the end of the audio count as zero, as offline).
+        """
+        rest = self._samples(slot, samples if samples is not None else np.zeros(0, np.float32), exact=False)
         outputs: list[ChunkOutput] = []
-        while slot in self.ready():
-            outputs += self.step([slot])
+        while len(rest) >= self.need(slot):
+            n = self.need(slot)
+            outputs += self._advance([slot], [rest[:n]], flush=False)
+            rest = rest[n:]
+        progress = self._progress(slot)
+        if not progress.started and self.cfg.num_frames(len(rest)) == 0:
+            outputs.append(ChunkOutput(progress.stream_id, progress.frames_out, self._out_ids,
+                                       torch.zeros(len(self._out_ids), 0, self.cfg.embed_dim), final=True))
+        else:
+            outputs += self._advance([slot], [rest], flush=True)
+        self._streams[slot] = None
         return outputs
+
+    def _samples(self, slot: int, x: Samples, exact: bool) -> Tensor:
+        """The samples as a 1-D float32 tensor (no copy), refusing what a step cannot take."""
+        stream = self._progress(slot).stream_id
+        t = torch.as_tensor(x)
+        if t.dim() != 1 or t.dtype != torch.float32:
+            raise ValueError(f"stream {stream}: samples must be 1-D float32 at 16 kHz, got {t.dtype} of shape "
+                             f"{tuple(t.shape)}; convert with streamwavlm.audio.validate.to_float_mono")
+        if exact and len(t) != self.need(slot):
+            raise ValueError(f"stream {stream}: this step takes exactly {self.need(slot)} samples, got {len(t)}")
+        return t
 
     @torch.no_grad()
-    def _advance(self, slots: list[int], new: list[np.ndarray], flush: bool) -> list[ChunkOutput]:
+    def _advance(self, slots: list[int], audio: list[Tensor], flush: bool) -> list[ChunkOutput]:
         cfg, s, model = self.cfg, self.settings, self.model
-        idx = torch.tensor(slots, device=self._t["tail"].device)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
-        t = {k: (v[slots[0]:slots[0] + len(slots)] if contiguous else v.index_select(0, idx))
-             for k, v in self._t.items()}
-        states = [self._slot(i) for i in slots]
-        started = [st.started for st in states]
+        rows = self._rows(slots)
+        progress = [self._progress(i) for i in slots]
+        started = progress[0].started  # a batch is of one phase
+        front = self._state.front.take(rows)
+        updating = self._updating(progress, rows.device)
 
         # 1-2: waveform normalisation and the CNN over tail + new samples
-        raw = torch.from_numpy(np.stack(new)).to(t["tail"].device, t["tail"].dtype)
-        wav = self._normalize(raw, t) if cfg.normalize else raw
-        segment = torch.cat([t["tail"], wav], 1) if all(started) else wav
-        n_old0 = self._conv0_frames(self.tail_len) if all(started) else 0
-        feats = model.frontend(segment, (lambda y0: self._gn_stats(y0[:, n_old0:], t))
-                               if model.frontend.group_norm else None)
+        raw = torch.stack(audio).to(front.cnn_tail.device, front.cnn_tail.dtype)
+        wav = self._normalize(raw, front.wav_moments, updating) if front.wav_moments is not None else raw
+        segment = torch.cat([front.cnn_tail, wav], 1) if started else wav
+        n_old0 = self._conv0_frames(self.tail_len) if started else 0
+        gn = front.gn_moments
+        feats = model.frontend(segment, None if gn is None else lambda y0: self._gn_stats(y0[:, n_old0:], gn, updating))
         if segment.shape[1] >= self.tail_len:
-            t["tail"].copy_(segment[:, segment.shape[1] - self.tail_len:])
+            front.cnn_tail.copy_(segment[:, segment.shape[1] - self.tail_len:])
         x_new = model.projection(feats)  # (B, n_cnn, D)
 
         # 3: positional convolution over [64 history | chunk | lookahead]
-        hist = t["hist"] if all(started) else t["hist"][:, s.lookahead:]
+        hist = front.pos_history if started else front.pos_history[:, s.lookahead:]
         window = torch.cat([hist, x_new], 1)
         if flush:
             window = torch.cat([window, window.new_zeros(len(slots), s.lookahead, cfg.embed_dim)], 1)
-        t["hist"].copy_(window[:, window.shape[1] - t["hist"].shape[1]:])
+        front.pos_history.copy_(window[:, window.shape[1] - front.pos_history.shape[1]:])
         n_out = window.shape[1] - self.pos_left - s.lookahead
         x = window[:, :0]
         if n_out > 0:
             conv = model.encoder.pos_conv.window(window, self.pos_weight)
             x = model.encoder.input_norm(window[:, self.pos_left:self.pos_left + n_out] + conv)
 
-        # 4: the Transformer, chunk by chunk (one chunk except when flushing)
-        starts = torch.tensor([st.frames_out for st in states], device=x.device)
-        pieces = []
-        for a in range(0, n_out, s.chunk):
-            pieces.append(self._layers(x[:, a:a + s.chunk], starts + a, t))
+        # 4: the model's Transformer, chunk by chunk (one chunk except when flushing), over the K/V rings
+        first = torch.tensor([p.frames_out for p in progress], device=x.device)
+        pieces = [self._transformer(x[:, a:a + s.chunk], first + a, rows) for a in range(0, n_out, s.chunk)]
         hidden = [torch.cat(h, 1) for h in zip(*pieces, strict=True)] if pieces else []
 
-        if not contiguous:
-            for k, v in t.items():
-                self._t[k].index_copy_(0, idx, v)
-        for st in states:
-            st.started = True
-        return self._emit(slots, states, hidden, n_out, flush)
+        outputs = self._emit(progress, front, hidden, n_out, flush)
+        self._state.front.put(rows, front)
+        for p, a in zip(progress, audio, strict=True):
+            p.started = True
+            p.samples += len(a)
+            p.frames_out += n_out
+        return outputs
 
-    def _layers(self, x: Tensor, first: Tensor, t: dict[str, Tensor]) -> list[Tensor]:
-        """One chunk of each row's frames ``first[b]..`` through the Transformer; updates the K/V rings."""
-        b, n, _ = x.shape
-        s, enc = self.settings, self.model.encoder
-        q_pos = first[:, None] + torch.arange(n, device=x.device)
-        where = (q_pos % self.ring)
-        t["kpos"].scatter_(1, where, q_pos)
-        ctx = AttentionContext(enc.table, q_pos, t["kpos"], chunk=s.chunk, left=s.left)
-        hidden = [x]
-        for i, layer in enumerate(enc.layers[: self.depth]):
-            attn = layer.attn
-            inp = layer.attn_norm(x) if layer.pre_norm else x
-            q, k, v, gate = attn.project(inp)
-            index = where[:, None, :, None].expand(b, attn.num_heads, n, attn.head_dim)
-            t[f"k{i}"].scatter_(2, index, k)
-            t[f"v{i}"].scatter_(2, index, v)
-            a = attn.attend(q, t[f"k{i}"], t[f"v{i}"], gate, ctx)
-            x = layer.finish(x, a)
-            hidden.append(x)
-        return hidden
+    def _transformer(self, x: Tensor, first: Tensor, rows: Tensor) -> list[Tensor]:
+        """One chunk of each row's frames ``first[b]..`` through the model's layers with the rows' K/V rings."""
+        q_pos = first[:, None] + torch.arange(x.shape[1], device=x.device)
+        k_pos, caches = self._state.rings.advance(rows, q_pos)
+        layout = KeyLayout(q_pos, k_pos, chunk=self.settings.chunk, left=self.settings.left, rows=rows)
+        return self.model.encoder(x, layout, caches, self.depth)
 
-    def _emit(self, slots: list[int], states: list[_Slot], hidden: list[Tensor], n_out: int,
+    def _emit(self, progress: list[StreamProgress], front: FrontState, hidden: list[Tensor], n_out: int,
               flush: bool) -> list[ChunkOutput]:
         cfg, s = self.cfg, self.settings
         rows = []
@@ -318,105 +270,85 @@ class StreamPool:
             if h is not None and i == cfg.num_layers and s.final_norm:
                 h = self.model.encoder.output_norm(h)
             rows.append(h)
-        if s.layer_weights is not None and hidden:
+        if s.layer_weights is not None and hidden:  # the weights as given, over h_0 .. h_L without final LN
             rows.append(torch.einsum("l,lbtd->btd", self._mix, torch.stack(hidden)))
-        xvectors = self._xvectors(slots, states, hidden, n_out, flush) if s.xvector is not None else None
+        xvectors = self._xvectors(progress, front, hidden, n_out, flush) if s.xvector is not None else None
         outputs = []
-        for j, st in enumerate(states):
+        for j, p in enumerate(progress):
             frames = (torch.stack([r[j] for r in rows]) if hidden
                       else torch.zeros(len(self._out_ids), 0, cfg.embed_dim))
-            outputs.append(ChunkOutput(st.stream_id, st.frames_out, self._out_ids, frames,
+            outputs.append(ChunkOutput(p.stream_id, p.frames_out, self._out_ids, frames,
                                        xvectors[j] if xvectors else [], final=flush))
-            st.frames_out += n_out
         return outputs
 
     # ------------------------------------------------------------------ statistics policies
-    def _updating(self, count: Tensor, per_second: float) -> Tensor:
-        if self.settings.norm == NormPolicy.RUNNING:
-            return torch.ones_like(count, dtype=torch.bool)
-        return count < self.settings.warmup * per_second
+    def _updating(self, progress: list[StreamProgress], device: torch.device) -> Tensor:
+        """Which streams' statistics take in this step: all (running), or those whose audio consumed so far is
+        shorter than the warm-up (frozen)."""
+        limit = float("inf") if self.settings.norm == NormPolicy.RUNNING else self.settings.warmup * SAMPLE_RATE
+        return torch.tensor([p.samples < limit for p in progress], device=device)
 
-    def _normalize(self, raw: Tensor, t: dict[str, Tensor]) -> Tensor:
+    def _normalize(self, raw: Tensor, moments: Moments, updating: Tensor) -> Tensor:
         """Waveform normalisation with running/frozen mean and variance over the stream's samples."""
+        moments.add(raw, updating)
+        mean, var = moments.mean_var()
         x = raw.double()
-        upd = self._updating(t["wav_count"], SAMPLE_RATE)
-        t["wav_sum"] += torch.where(upd, x.sum(1), 0.0)
-        t["wav_sq"] += torch.where(upd, (x * x).sum(1), 0.0)
-        t["wav_count"] += torch.where(upd, float(x.shape[1]), 0.0)
-        mean = t["wav_sum"] / t["wav_count"]
-        var = (t["wav_sq"] / t["wav_count"] - mean * mean).clamp_min(0.0)
         return ((x - mean[:, None]) / torch.sqrt(var[:, None] + self.cfg.normalize_eps)).to(raw.dtype)
 
-    def _gn_stats(self, y0_new: Tensor, t: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Add the new conv-0 frames to the GroupNorm sums (unless frozen) and return (mean, var)."""
-        y = y0_new.double()
-        rate = SAMPLE_RATE / self.cfg.conv_layers[0][2]
-        upd = self._updating(t["gn_count"], rate)[:, None]
-        t["gn_sum"] += torch.where(upd, y.sum(1), 0.0)
-        t["gn_sq"] += torch.where(upd, (y * y).sum(1), 0.0)
-        t["gn_count"] += torch.where(upd[:, 0], float(y.shape[1]), 0.0)
-        mean = t["gn_sum"] / t["gn_count"][:, None]
-        return mean, (t["gn_sq"] / t["gn_count"][:, None] - mean * mean).clamp_min(0.0)
+    def _gn_stats(self, y0_new: Tensor, moments: Moments, updating: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new conv-0 frames to the GroupNorm moments (unless frozen) and return (mean, var)."""
+        moments.add(y0_new, updating)
+        return moments.mean_var()
 
     def _conv0_frames(self, n: int) -> int:
         _, k0, s0 = self.cfg.conv_layers[0]
         return 0 if n < k0 else (n - k0) // s0 + 1
 
-    # ------------------------------------------------------------------ end of stream
-    def _flush(self, slot: int) -> list[ChunkOutput]:
-        st = self._slot(slot)
-        rest = st.take(st.pending_len)
-        if not st.started and self.cfg.num_frames(len(rest)) == 0:
-            return [ChunkOutput(st.stream_id, st.frames_out, self._out_ids,
-                                torch.zeros(len(self._out_ids), 0, self.cfg.embed_dim), final=True)]
-        return self._advance([slot], [rest], flush=True)
-
     # ------------------------------------------------------------------ x-vectors
-    def _xvectors(self, slots: list[int], states: list[_Slot], hidden: list[Tensor], n_out: int,
+    def _xvectors(self, progress: list[StreamProgress], front: FrontState, hidden: list[Tensor], n_out: int,
                   flush: bool) -> list[list[tuple[int, Tensor]]]:
         """Run the TDNN over the new frames (with a cache of ``receptive_field - 1`` projected frames) and
         pool every window whose hop boundary was reached."""
-        head = self.model.xvector
-        assert head is not None
+        head, cache = self.model.xvector, front.tdnn_inputs
+        assert head is not None and cache is not None
+        lag = cache.shape[1]
         if hidden:
-            cache = self._t["tdnn_in"]
-            idx = torch.tensor(slots, device=cache.device)
-            window = torch.cat([cache.index_select(0, idx), head.frame_input(hidden)], 1)
-            cache.index_copy_(0, idx, window[:, window.shape[1] - cache.shape[1]:])
+            window = torch.cat([cache, head.frame_input(hidden)], 1)
+            cache.copy_(window[:, window.shape[1] - lag:])
             frames = head.tdnn_frames(window)  # one TDNN frame ending at each new projected frame
-            lag = cache.shape[1]
         result = []
-        for j, st in enumerate(states):
+        for j, p in enumerate(progress):
+            xv = p.xvector
             # new TDNN frames that read no empty cache entry (frames_out is this step's first frame)
-            fresh = max(0, st.frames_out + n_out - lag) - max(0, st.frames_out - lag) if hidden else 0
+            fresh = max(0, p.frames_out + n_out - lag) - max(0, p.frames_out - lag) if hidden else 0
             if fresh > 0:
                 new = frames[j, frames.shape[1] - fresh:]
-                st.tdnn_window = new if st.tdnn_window is None else torch.cat([st.tdnn_window, new])
-                st.tdnn_frames += fresh
-            result.append(self._pool_windows(st, flush))
+                xv.window = new if xv.window is None else torch.cat([xv.window, new])
+                xv.tdnn_frames += fresh
+            result.append([(end + lag, emb) for end, emb in self._pool_windows(xv, flush)])
         return result
 
-    def _pool_windows(self, st: _Slot, flush: bool) -> list[tuple[int, Tensor]]:
+    def _pool_windows(self, xv: XVectorState, flush: bool) -> list[tuple[int, Tensor]]:
         """x-vectors at every multiple of ``hop`` TDNN frames, each over the last ``window`` frames (fewer at
-        the start); at the end of the stream one more over the frames since the last boundary."""
+        the start); at the end of the stream one more over the frames since the last boundary. Ends are in
+        TDNN frames."""
         head, xs = self.model.xvector, self.settings.xvector
         assert head is not None and xs is not None
         out: list[tuple[int, Tensor]] = []
-        if st.tdnn_window is None:
+        if xv.window is None:
             return out
-        lag = self._t["tdnn_in"].shape[1]
-        first = st.tdnn_frames - st.tdnn_window.shape[0]  # TDNN frame index of the buffer's first row
+        first = xv.tdnn_frames - xv.window.shape[0]  # TDNN frame index of the buffer's first row
         ends = []
-        if st.next_xvector == 0:
-            st.next_xvector = xs.hop
-        while st.tdnn_frames >= st.next_xvector:
-            ends.append(st.next_xvector)
-            st.next_xvector += xs.hop
-        if flush and st.tdnn_frames > st.next_xvector - xs.hop:
-            ends.append(st.tdnn_frames)
+        if xv.next_end == 0:
+            xv.next_end = xs.hop
+        while xv.tdnn_frames >= xv.next_end:
+            ends.append(xv.next_end)
+            xv.next_end += xs.hop
+        if flush and xv.tdnn_frames > xv.next_end - xs.hop:
+            ends.append(xv.tdnn_frames)
         for end in ends:
-            rows = st.tdnn_window[max(0, end - xs.window - first): end - first]
+            rows = xv.window[max(0, end - xs.window - first): end - first]
             if len(rows) >= 2:  # an unbiased std needs two frames
-                out.append((end + lag, head.pool(rows[None])[0]))
-        st.tdnn_window = st.tdnn_window[-xs.window:]
+                out.append((end, head.pool(rows[None])[0]))
+        xv.window = xv.window[-xs.window:]
         return out

@@ -1,0 +1,102 @@
+"""One stream's audio waiting for the encoder, and the one ledger of what happened to every sample.
+
+The engine keeps a :class:`SampleQueue` per stream: sources ``put`` validated 16 kHz pieces (a jump in a
+piece's start index is filled with silence so frame times stay on the stream's timeline), the scheduler
+``take``s exactly one encoder step's samples, and the overload policy ``drop_oldest``. Pieces are kept as
+the arrays the source produced (no copy on the way in); a step that lies within one piece is a view of it,
+otherwise one copy joins the pieces. Every sample is accounted for:
+``received + gap_filled == taken + dropped + len(queue)``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+
+class SampleQueue:
+    def __init__(self) -> None:
+        self._pieces: deque[tuple[np.ndarray, float]] = deque()  # (samples, arrival time of their last sample)
+        self._len = 0
+        self.received = 0  # samples put by the source
+        self.gap_filled = 0  # samples of silence inserted where the source's indices jumped
+        self.taken = 0  # samples handed to the encoder
+        self.dropped = 0  # samples discarded by the overload policy
+        self.next_start = 0  # stream index the next piece is expected to start at
+        self.last_arrival = 0.0  # arrival time of the newest sample taken
+        self._drops: deque[tuple[int, int]] = deque()  # (taken count when dropping, cumulative dropped)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def put(self, samples: np.ndarray, start: int | None = None, arrival: float = 0.0) -> None:
+        """Queue a piece of float32 16 kHz samples whose first sample has stream index ``start`` (default:
+        right after the previous piece); a later start means the source lost audio: silence fills the gap."""
+        start = self.next_start if start is None else start
+        if start > self.next_start:
+            gap = start - self.next_start
+            self._append(np.zeros(gap, np.float32), arrival)
+            self.gap_filled += gap
+        self._append(samples, arrival)
+        self.received += len(samples)
+        self.next_start = start + len(samples)
+
+    def _append(self, samples: np.ndarray, arrival: float) -> None:
+        if len(samples):
+            self._pieces.append((samples, arrival))
+            self._len += len(samples)
+
+    def take(self, n: int) -> np.ndarray:
+        """The oldest ``n`` samples (a view when they lie in one piece)."""
+        if n > self._len:
+            raise ValueError(f"{n} samples asked for, {self._len} queued")
+        head, arrival = self._pieces[0] if self._pieces else (np.zeros(0, np.float32), 0.0)
+        if n <= len(head):
+            out = head[:n]
+            self._consume(n)
+        else:
+            out = np.empty(n, np.float32)
+            filled = 0
+            while filled < n:
+                head, arrival = self._pieces[0]
+                k = min(n - filled, len(head))
+                out[filled:filled + k] = head[:k]
+                self._consume(k)
+                filled += k
+        self.taken += n
+        if n:
+            self.last_arrival = arrival
+        return out
+
+    def drop_oldest(self, n: int) -> int:
+        """Discard up to ``n`` of the oldest samples; return how many were dropped."""
+        n = min(n, self._len)
+        left = n
+        while left:
+            k = min(left, len(self._pieces[0][0]))
+            self._consume(k)
+            left -= k
+        if n:
+            self.dropped += n
+            self._drops.append((self.taken, self.dropped))
+        return n
+
+    def _consume(self, n: int) -> None:
+        head, arrival = self._pieces[0]
+        if n == len(head):
+            self._pieces.popleft()
+        else:
+            self._pieces[0] = (head[n:], arrival)
+        self._len -= n
+
+    def stream_index(self, taken_position: int) -> int:
+        """The stream sample index of the ``taken_position``-th sample taken (drops before it shift it).
+
+        Positions must be asked for in non-decreasing order: drop records older than the position are
+        discarded as it goes."""
+        while len(self._drops) > 1 and self._drops[1][0] <= taken_position:
+            self._drops.popleft()
+        if self._drops and self._drops[0][0] <= taken_position:
+            return taken_position + self._drops[0][1]
+        return taken_position
