@@ -10,8 +10,7 @@ Per shape and dtype (d = 64, a 1601-entry bias table as in WavLM) it times
 
 at streaming shapes (many streams, tens of queries against a K/V cache of hundreds of keys) and offline
 shapes (one utterance, Tq = Tk = T), plus SDPA's flash backend without any bias at the offline shapes
-(the issue's target: the kernel at >= 70% of its throughput at T = 3000), and the gate variants: gate
-precomputed (not timed), gate by torch from the logits (eager and compiled) + kernel, gate in the kernel.
+(the issue's target: the kernel at >= 70% of its throughput at T = 3000).
 
 Columns: median time (``triton.testing.do_bench``), TFLOP/s (4*B*H*Tq*Tk*d, the two matmuls), GB/s
 (the minimum traffic: q, k, v, out, gate and positions, the same bytes for every method), the time
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from streamwavlm.kernels import KeyLayout
 from streamwavlm.kernels.gate import gate_from_logits
 from streamwavlm.kernels.gated_attention import gated_rel_attention_torch
 from torch import Tensor
@@ -40,7 +40,7 @@ HEAD_DIM = 64
 MAX_DIST = 800  # WavLM's table: distances clamped to +-800, 1601 entries per head
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 METHODS = ("triton", "sdpa+bias", "flex", "eager")
-SECTIONS = ("streaming", "offline", "gate")
+SECTIONS = ("streaming", "offline")
 FLASH_TARGET = 0.70
 
 
@@ -107,12 +107,6 @@ def offline_shapes(quick: bool) -> list[Shape]:
     return [Shape(1, h, t, t) for h, t in itertools.product((12, 16), (500, 1500, 3000))]
 
 
-def gate_shapes(quick: bool) -> list[Shape]:
-    if quick:
-        return [Shape(64, 12, 25, 512)]
-    return [Shape(16, 12, 25, 512), Shape(256, 12, 8, 256), Shape(64, 16, 50, 1024), Shape(1, 12, 1500, 1500)]
-
-
 class Inputs:
     """Random inputs on the GPU: queries at the last ``tq`` of ``tk`` consecutive key frames per stream."""
 
@@ -125,17 +119,16 @@ class Inputs:
 
         self.q = randn(b, h, tq, HEAD_DIM)
         self.k, self.v = randn(b, h, tk, HEAD_DIM), randn(b, h, tk, HEAD_DIM)
-        # Gate logits as the QKV GEMM with 2H extra columns would leave them: a strided (B, H, Tq, 2) view.
-        self.gate_logits = randn(b, tq, h, 2, dt=torch.float32).permute(0, 2, 1, 3)
-        self.gate_const = 1.0 + 0.1 * randn(h, dt=torch.float32)
-        self.gate = gate_from_logits(self.gate_logits, self.gate_const)
+        # The gate as the model makes it: from two logits per head and query and a per-head constant.
+        logits = randn(b, tq, h, 2, dt=torch.float32).permute(0, 2, 1, 3)
+        self.gate = gate_from_logits(logits, 1.0 + 0.1 * randn(h, dt=torch.float32))
         self.table = randn(h, 2 * MAX_DIST + 1, dt=torch.float32)
         start = torch.randint(0, 10_000, (b, 1), generator=gen, device=device)
         self.k_pos = start + torch.arange(tk, device=device)
         self.q_pos = self.k_pos[:, tk - tq :].contiguous()
 
-    def args(self) -> tuple[Tensor, ...]:
-        return self.q, self.k, self.v, self.gate, self.table, self.q_pos, self.k_pos
+    def args(self) -> tuple[Tensor | KeyLayout, ...]:
+        return self.q, self.k, self.v, self.gate, self.table, KeyLayout(self.q_pos, self.k_pos)
 
 
 def bias_ungated(x: Inputs) -> Tensor:
@@ -217,51 +210,6 @@ def flash_row(section: str, dtype: str, shape: Shape, x: Inputs, t_kernel: float
     emit(row, rows)
 
 
-def run_gate_section(shapes: list[Shape], dtypes: list[str], rep: int, rows: list[Row]) -> None:
-    """Gate precomputed (lower bound) vs gate from the logits by torch (eager, compiled) vs in the kernel.
-
-    The logits are a strided view, as they would come out of the QKV GEMM with 2H extra columns; that
-    GEMM is the same in every variant and is not timed. "x" is relative to the precomputed gate.
-    """
-    gate_compiled = torch.compile(gate_from_logits)
-    for dtype, shape in itertools.product(dtypes, shapes):
-        x = Inputs(shape, DTYPES[dtype])
-        variants = gate_variants(x, gate_compiled)
-        ref = variants["kernel, gate precomputed"]().float()
-        t_base = None
-        for name, fn in variants.items():
-            row = Row("gate", dtype, shape, name, err=(fn().float() - ref).abs().max().item())
-            row.ms = bench(fn, rep)
-            if t_base is None:
-                t_base = row.ms
-            else:
-                row.ratio = row.ms / t_base
-            emit(row, rows)
-        del x
-        torch.cuda.empty_cache()
-
-
-def gate_variants(x: Inputs, gate_compiled: Callable) -> dict[str, Callable[[], Tensor]]:
-    """The four ways to get the gate into the kernel, as zero-argument closures."""
-    from streamwavlm.kernels.triton_gated_attention import (
-        gated_rel_attention_triton,
-        gated_rel_attention_triton_from_logits,
-    )
-
-    qkv, logits, const = (x.q, x.k, x.v), x.gate_logits, x.gate_const
-    rest = (x.table, x.q_pos, x.k_pos)
-
-    def with_gate(gate_fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[], Tensor]:
-        return lambda: gated_rel_attention_triton(*qkv, gate_fn(logits, const), *rest)
-
-    return {
-        "kernel, gate precomputed": lambda: gated_rel_attention_triton(*qkv, x.gate, *rest),
-        "gate eager torch + kernel": with_gate(gate_from_logits),
-        "gate compiled torch + kernel": with_gate(gate_compiled),
-        "gate in kernel": lambda: gated_rel_attention_triton_from_logits(*qkv, logits, const, *rest),
-    }
-
-
 def emit(row: Row, rows: list[Row]) -> None:
     rows.append(row)
     print("| " + " | ".join(row.cells()) + " |", flush=True)
@@ -318,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         for section, shapes in (("streaming", streaming_shapes), ("offline", offline_shapes)):
             if section in sections:
                 run_section(section, shapes(args.quick), dtypes, wanted, args.rep, flex_compiled, rows)
-        if "gate" in sections:
-            run_gate_section(gate_shapes(args.quick), dtypes, args.rep, rows)
     if args.out:
         args.out.write_text(markdown(rows, device))
         print(f"wrote {args.out}")

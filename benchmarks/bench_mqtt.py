@@ -57,7 +57,7 @@ from streamwavlm.mqtt import EmbeddingMessage, Mosquitto, Publisher, subscribe
 from streamwavlm.mqtt.broker import find_mosquitto
 from streamwavlm.mqtt.sink import MqttSink
 from streamwavlm.mqtt.wire import encode
-from streamwavlm.streaming import StreamPool, StreamSettings
+from streamwavlm.streaming import StreamPool, StreamSettings, stream_audio
 
 FRAME_RATE = 50.0
 CHUNK, DIM = 16, 768  # a Base chunk at C = 16
@@ -260,11 +260,7 @@ async def throughput_table(args: argparse.Namespace) -> list[str]:
 # ------------------------------------------------------------------------------------------ (b) latency
 def warm_up(model: WavLM, settings: StreamSettings) -> None:
     """A few steps at this chunk size first, so that one-time kernel set-up is not counted as latency."""
-    pool = StreamPool(model, settings, capacity=1)
-    slot = pool.open("warm")
-    pool.push(slot, torch.randn(16000) * 0.1)
-    pool.run(slot)
-    pool.discard(slot)
+    stream_audio(StreamPool(model, settings, capacity=1), torch.randn(16000) * 0.1, "warm")
 
 
 async def latency(url: str, model: WavLM, chunk: int, wav: Path) -> str:

@@ -24,19 +24,18 @@ from streamwavlm.streaming import StreamPool, StreamSettings
 def step_times(model: WavLM, settings: StreamSettings, n: int, steps: int) -> np.ndarray:
     pool = StreamPool(model, settings, capacity=n)
     slots = [pool.open(f"s{i}") for i in range(n)]
-    block = model.cfg.hop * settings.chunk
     rng = np.random.default_rng(0)
-    first = model.cfg.receptive_field - model.cfg.hop + model.cfg.hop * (settings.chunk + settings.lookahead)
-    for slot in slots:
-        pool.push(slot, rng.standard_normal(first).astype(np.float32) * 0.1)
-    pool.step()  # first step (different shapes), also warms up autotuning
+
+    def audio() -> dict[int, np.ndarray]:
+        return {slot: rng.standard_normal(pool.need(slot)).astype(np.float32) * 0.1 for slot in slots}
+
+    pool.step(audio())  # first step (different shapes), also warms up autotuning
     times = []
     for _ in range(steps):
-        for slot in slots:
-            pool.push(slot, rng.standard_normal(block).astype(np.float32) * 0.1)
+        batch = audio()
         torch.cuda.synchronize()
         start = time.perf_counter()
-        pool.step()
+        pool.step(batch)
         torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - start))
     return np.array(times)
