@@ -17,13 +17,16 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..audio.files import FileSource
+from ..audio.files import FileSource, audio_length
+from ..audio.level import Metered, meter
 from ..checkpoint import model_from_setting
+from ..embedding import resolve_device
 from ..engine import Engine
+from ..file_sink import FileSink
 from ..mqtt import EmbeddedBroker, EmbeddingMessage, Gap, Publisher, subscribe
 from ..mqtt.sink import MqttSink
 from ..streaming import StreamPool, XVectorSettings
-from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
+from .common import add_checkpoint_option, add_device_option, add_stream_options, bundled_sample, settings_from_args
 
 AUDIO_PREFIX = "streamwavlm-audio"
 
@@ -31,11 +34,15 @@ AUDIO_PREFIX = "streamwavlm-audio"
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("stream", help="the main job: audio in -> streaming encoder -> embeddings on MQTT")
     add_checkpoint_option(p)
+    add_device_option(p)
     add_stream_options(p)
     p.add_argument("--input", default=None, metavar="SOURCE",
                    help="FILE, mic[:DEVICE], ws://HOST:PORT (serve audio over WebSocket) or mqtt://HOST:PORT "
                         f"(audio on '{AUDIO_PREFIX}/audio/<stream>'); default: the bundled sample")
-    p.add_argument("--broker", help="mqtt://[user:pass@]host:port to publish to (default: start an embedded one)")
+    p.add_argument("--broker", help="mqtt://[user:pass@]host:port to publish to, or 'none' to publish nothing "
+                   "(with --save; default: start an embedded broker)")
+    p.add_argument("--save", metavar="PATH", help="also write what is published (embeddings, x-vectors, frame "
+                   "times) to PATH (.npz), written when the run ends")
     p.add_argument("--prefix", default="streamwavlm", help="topic prefix (default: %(default)s)")
     p.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT protocol version (default: 5)")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="QoS of embeddings (default: 1)")
@@ -47,7 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-backlog", type=float, default=2.0, help="seconds of queued audio per stream before "
                    "the overload policy applies (default: %(default)s)")
     p.add_argument("--overload", choices=("drop_oldest", "shed"), default="drop_oldest")
-    p.add_argument("--listen", action="store_true", help="also subscribe and print what arrives")
+    p.add_argument("--listen", action="store_true", help="also subscribe and print what arrives, with the input "
+                   "level")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (live inputs)")
     p.set_defaults(func=lambda args: asyncio.run(stream(args)))
 
@@ -88,16 +96,19 @@ async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[o
         yield FileSource(spec, block=1600, realtime=args.realtime), Path(spec).stem, args.realtime
 
 
-async def _listen(broker: str, prefix: str, console: Console, latencies: list[float]) -> None:
+async def _listen(broker: str, prefix: str, console: Console, latencies: list[float],
+                  levels: dict[str, float]) -> None:
     async for item in subscribe(broker, prefix, kinds=("embeddings", "xvector"), connect_timeout=10):
         if isinstance(item, Gap):
             console.print(f"[red]gap[/] {item.stream_id}/{item.kind}: {item.count} message(s) missing")
         elif isinstance(item, EmbeddingMessage):
             latency = time.time() - item.timestamp
             latencies.append(latency)
+            level = levels.get(item.stream_id)
+            shown = f" input {level:4.0f} dBFS {meter(level)}" if level is not None else ""
             console.print(f"{item.stream_id}/{item.kind} seq {item.seq}: frames {item.first_frame}.."
                           f"{item.first_frame + item.frames - 1} shape {tuple(item.data.shape)} "
-                          f"latency {latency * 1000:.0f} ms")
+                          f"latency {latency * 1000:.0f} ms{shown}", highlight=False)
 
 
 async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
@@ -110,9 +121,15 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
         window, hop = (int(x) for x in args.xvector.split(","))
         settings = dataclasses.replace(settings, xvector=XVectorSettings(window, hop))
         settings.validate(model.cfg)
+    model = model.to(resolve_device(args.device))
     console.print(f"[bold]model[/]: {description}")
     model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
     spec = args.input or str(bundled_sample())
+    publish = args.broker != "none"
+    if args.listen and not publish:
+        raise ValueError("--listen subscribes to the broker; with --broker none there is none (use --save)")
+    if not (spec == "mic" or spec.startswith(("ws://", "mqtt://", "mic:"))):
+        audio_length(spec)  # an unreadable or missing file fails here, in one line, before anything starts
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if args.seconds:
@@ -125,23 +142,34 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
             broker = await stack.enter_async_context(EmbeddedBroker())
             console.print(f"[bold]broker[/]: embedded, {broker}")
         latencies: list[float] = []
+        levels: dict[str, float] = {}
         listener = None
         if args.listen:
-            listener = asyncio.create_task(_listen(broker, args.prefix, console, latencies))
+            listener = asyncio.create_task(_listen(broker, args.prefix, console, latencies, levels))
             await asyncio.sleep(0.3)  # let the subscription settle before the first message
-        publisher = await stack.enter_async_context(Publisher(
-            broker, prefix=args.prefix, protocol=args.protocol,
-            qos={"embeddings": args.qos, "xvector": args.qos}))
-        sink = MqttSink(publisher, model_id, 16000 / model.cfg.hop, args.dtype)
+        frame_rate = 16000 / model.cfg.hop
+        saver = FileSink(args.save, model_id, frame_rate, args.dtype) if args.save else None
+        publisher, mqtt_sink = None, None
+        if publish:
+            publisher = await stack.enter_async_context(Publisher(
+                broker, prefix=args.prefix, protocol=args.protocol,
+                qos={"embeddings": args.qos, "xvector": args.qos}))
+            mqtt_sink = MqttSink(publisher, model_id, frame_rate, args.dtype)
+        sinks = [s for s in (mqtt_sink, saver) if s is not None]
         pool = StreamPool(model, settings, capacity=args.capacity)
         engine = await stack.enter_async_context(
-            Engine(pool, [sink], max_backlog=args.max_backlog, policy=args.overload, on_status=sink.status))
-        console.print(f"[bold]streaming[/]: {spec} -> {broker} under '{args.prefix}/<stream>/embeddings'; "
+            Engine(pool, sinks, max_backlog=args.max_backlog, policy=args.overload,
+                   on_status=mqtt_sink.status if mqtt_sink else None))
+        target = (f"{broker} under '{args.prefix}/<stream>/embeddings'" if publish else "no broker")
+        target += f", saved to {saver.path}" if saver else ""
+        console.print(f"[bold]streaming[/]: {spec} -> {target}; "
                       f"chunk {settings.chunk}, left {settings.left}, lookahead {settings.lookahead}: algorithmic "
                       f"latency {settings.latency_ms(model.cfg):.0f} ms")
 
         async def accept() -> None:
             async for source, stream_id, live in _sources(spec, args):
+                if args.listen:
+                    source = Metered(source, levels.__setitem__)  # type: ignore[arg-type]
                 engine.add(source, stream_id, live=live)  # type: ignore[arg-type]
 
         acceptor = asyncio.create_task(accept())
@@ -155,7 +183,8 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
         for s in list(engine.streams.values()):
             await s.source.close()
         await engine.drain()
-        await publisher.flush(10)
+        if publisher is not None:
+            await publisher.flush(10)
         if listener is not None:
             await asyncio.sleep(0.5)
             listener.cancel()
@@ -163,9 +192,12 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
             console.print(f"[bold]{summary['stream']}[/]: {summary['frames_out']} frames, chunk latency p50 "
                           f"{summary['latency_ms_p50']} ms p99 {summary['latency_ms_p99']} ms, RTF {summary['rtf']}, "
                           f"dropped {summary['dropped']} samples")
-        c = publisher.counters
-        console.print(f"published {c.published} messages ({c.outbox_overflow} lost to a full outbox, "
-                      f"{c.reconnects} reconnects)")
+        if publisher is not None:
+            c = publisher.counters
+            console.print(f"published {c.published} messages ({c.outbox_overflow} lost to a full outbox, "
+                          f"{c.reconnects} reconnects)")
+        if saver is not None:
+            console.print(f"saved to {saver.write()}")
         if latencies:
             ms = np.array(latencies) * 1000
             console.print(f"subscriber received {len(ms)} messages: latency from a chunk's last sample to "
