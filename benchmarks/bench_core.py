@@ -116,11 +116,11 @@ def main() -> None:
             occupy(pool, slots, args.capacity)
         queues = {slot: SampleQueue() for slot in slots}
         steps: dict[str, Callable[[], None]] = {
-            "before": lambda: step_before(pools["before"], slots, audio),
-            "after": lambda: step_after(pools["after"], slots, queues, audio),
+            "before": lambda p=pools["before"], s=slots: step_before(p, s, audio),
+            "after": lambda p=pools["after"], s=slots, q=queues: step_after(p, s, q, audio),
         }
         times: dict[str, list[float]] = {"before": [], "after": []}
-        for name, fn in steps.items():
+        for fn in steps.values():
             timed(fn, 3)
         for _ in range(args.repeats):
             for name, fn in steps.items():
