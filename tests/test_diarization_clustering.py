@@ -1,0 +1,114 @@
+"""Online clustering on synthetic embedding streams with known speakers (drift, silences, interjections,
+speakers returning after minutes), against the diart-style baseline; profiles; turn events."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamwavlm.diarization.baseline import BaselineSettings, IncrementalClustering
+from streamwavlm.diarization.clustering import ClusterSettings, OnlineClustering
+from streamwavlm.diarization.der import Score, score
+from streamwavlm.diarization.diarizer import Diarizer
+from streamwavlm.diarization.profiles import ProfileError, enroll, load_profiles, save_profiles
+from streamwavlm.diarization.synthetic import conversation
+from streamwavlm.diarization.window import Window
+
+SEEDS = range(4)  # 4 conversations of 5 minutes, 2-5 speakers each
+
+
+def run(conv, clustering, latency):
+    d = Diarizer(clustering, latency=latency, frame=conv.frame)
+    d.add_speech(conv.speech)
+    events = []
+    for w in conv.windows:
+        d.add_window(Window(w.start, w.end, w.vector))
+        events += d.advance(w.end)
+    events += d.finish()
+    return d, events
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    return [conversation(seed) for seed in SEEDS]
+
+
+# Upper bounds: measured DER on these seeds (ours 9.6 / 2.1 / 1.9 / 2.2 %, see docs/benchmarks.md for the
+# held-out numbers) plus a margin; at 0.5 s the clustering has no lookahead and a frame is labelled by a
+# window that ends 0.5 s after it, so turn starts are late and mixed windows are not yet outvoted.
+BOUNDS = {0.5: 0.13, 1.0: 0.04, 2.0: 0.04, 5.0: 0.04}
+
+
+@pytest.mark.parametrize("latency", sorted(BOUNDS))
+def test_clustering_beats_the_diart_baseline(conversations, latency):
+    ours, base = Score(), Score()
+    for conv in conversations:
+        ours = ours.add(score(conv.reference, run(conv, OnlineClustering(), latency)[0].segments()))
+        # delta_new 0.15: the baseline's best on the development seeds (benchmarks/bench_diarization.py)
+        baseline = IncrementalClustering(BaselineSettings(delta_new=0.15))
+        base = base.add(score(conv.reference, run(conv, baseline, latency)[0].segments()))
+    assert ours.der <= BOUNDS[latency]
+    assert ours.der < base.der
+
+
+def test_silence_never_gets_a_speaker_and_events_agree_with_turns(conversations):
+    conv = conversations[0]
+    d, events = run(conv, OnlineClustering(), 2.0)
+    for turn in d.turns:
+        a, b = round(turn.start / conv.frame), round(turn.end / conv.frame)
+        assert conv.speech[a:b].all()
+    finals = [e for e in events if e.event == "final"]
+    assert [(e.start, e.end, e.label) for e in finals] == [(t.start, t.end, t.label) for t in d.turns]
+    started = {e.turn for e in events if e.event == "start"}
+    cancelled = {e.turn for e in events if e.event == "cancel"}
+    assert started and cancelled.isdisjoint(e.turn for e in finals)
+    assert len({e.turn for e in finals}) == len(finals)  # one final per turn
+
+
+def test_enrolled_speakers_are_named(conversations, tmp_path):
+    """Profiles made from one part of a conversation name the speakers in the rest of it."""
+    conv = conversations[1]
+    truth = {s.speaker for s in conv.reference}
+    path = tmp_path / "speakers.json"
+    early = [w for w in conv.windows if w.end < 120 and w.speech > 0.9]
+    for name in truth:
+        vectors = [w.vector for w in early if all(
+            s.speaker == name for s in conv.reference if s.start < w.end and s.end > w.start)]
+        if len(vectors) >= 5:
+            enroll(path, "synthetic", name, np.stack(vectors))
+    enrolled = load_profiles(path, "synthetic")
+    assert len(enrolled) >= 2
+    d, _ = run(conv, OnlineClustering(ClusterSettings(), enrolled), 2.0)
+    named = {s.name for s in enrolled}
+    late = [s for s in conv.reference if s.start > 150 and s.speaker in named]
+    hyp = [s for s in d.segments() if s.start > 150]
+    correct = sum(max(0.0, min(r.end, h.end) - max(r.start, h.start)) for r in late for h in hyp
+                  if h.speaker == r.speaker)
+    assert correct / sum(r.duration for r in late) > 0.85
+
+
+def test_profiles_are_checked(tmp_path):
+    path = tmp_path / "p.json"
+    enroll(path, "resemblyzer", "alice", np.ones((3, 4)))
+    enroll(path, "resemblyzer", "bob", np.eye(4)[:2])
+    enroll(path, "resemblyzer", "alice", np.eye(4)[2:3])  # replaces alice
+    speakers = load_profiles(path, "resemblyzer")
+    assert [s.name for s in speakers] == ["bob", "alice"] and np.allclose(speakers[1].centroid, np.eye(4)[2])
+    with pytest.raises(ProfileError, match="backend"):
+        load_profiles(path, "wavlm:x")
+    doc = json.loads(path.read_text())
+    doc["speakers"][0]["embedding"] = [1.0, "x"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ProfileError, match="speaker 0"):
+        load_profiles(path)
+    path.write_bytes(b"\x80\x04pickle")
+    with pytest.raises(ProfileError, match="not a speaker profile"):
+        load_profiles(path)
+    with pytest.raises(ProfileError, match="no such profile"):
+        load_profiles(tmp_path / "missing.json")
+    with pytest.raises(ProfileError, match="no speech"):
+        enroll(tmp_path / "q.json", "resemblyzer", "carol", np.zeros((0, 4)))
+    save_profiles(tmp_path / "empty.json", "resemblyzer", [])
+    assert load_profiles(tmp_path / "empty.json") == []
