@@ -18,6 +18,7 @@ from ..audio.files import load_audio
 from ..audio.validate import SAMPLE_RATE, AudioError
 from ..checkpoint import load_model
 from ..config import WavLMConfig
+from ..embedding import resolve_device
 from ..model.wavlm import WavLM
 from ..progress import Bar
 from ..streaming.fidelity import (
@@ -32,6 +33,7 @@ from ..streaming.fidelity import (
     streams_statistics,
 )
 from ..streaming.settings import NormPolicy
+from .common import add_device_option
 
 RANDOM = "random"  # the CHECKPOINT name that means random Base+-shaped weights
 T = TypeVar("T")
@@ -61,7 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "offline forward over the same audio. Meaningful only with the checkpoint you will "
                     "deploy: with random weights the numbers say nothing about a real model.")
     p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help=f"original .pt file or Hugging Face directory; the literal '{RANDOM}' uses random "
+                   help=f"original .pt file, Hugging Face directory or model name; the literal '{RANDOM}' uses random "
                         "Base+-shaped weights (for trying the tool only; ./random names a file)")
     p.add_argument("audio", metavar="AUDIO",
                    help="audio file (WAV/FLAC/OGG, any rate; channels are averaged, resampled to 16 kHz)")
@@ -81,6 +83,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-seconds", type=float, default=20.0, metavar="S",
                    help="use only the first S seconds of AUDIO; the offline reference is quadratic in length "
                         "(default: %(default)s; 0: all)")
+    add_device_option(p)
     p.add_argument("--png", default="fidelity.png", metavar="PATH", help="plot (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write every number (all layers) as JSON")
     p.set_defaults(func=fidelity)
@@ -98,8 +101,10 @@ def fidelity(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:  # a file or pipe gets the whole table instead of rich's 80 columns
         console.width = max(console.width, 120)
+    device = resolve_device(args.device)
     wav = torch.from_numpy(load_audio(args.audio))  # before the model: bad audio fails fast
     model, description, random_weights = _model(args.checkpoint)
+    model = model.to(device)
     total = wav.numel() / SAMPLE_RATE
     if args.max_seconds > 0:
         wav = wav[: int(args.max_seconds * SAMPLE_RATE)]

@@ -20,13 +20,16 @@ from ..audio.files import load_audio
 from ..audio.queue import SampleQueue
 from ..audio.validate import SAMPLE_RATE
 from ..checkpoint import model_from_setting
+from ..embedding import resolve_device
+from ..progress import Bar
 from ..streaming import StreamPool
-from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
+from .common import add_checkpoint_option, add_device_option, add_stream_options, bundled_sample, settings_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="stream an audio file (default: the bundled sample) through the encoder")
     add_checkpoint_option(p)
+    add_device_option(p)
     add_stream_options(p)
     p.add_argument("--audio", metavar="FILE", help="audio file, any rate and channel count (default: the bundled "
                    "speech sample)")
@@ -37,7 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     console = Console()
+    device = resolve_device(args.device)
     model, description = model_from_setting(args.checkpoint)
+    model = model.to(device)
     cfg = model.cfg
     settings = settings_from_args(args, cfg)
     audio = args.audio or str(bundled_sample())
@@ -54,23 +59,25 @@ def run(args: argparse.Namespace) -> int:
     queue = SampleQueue()
     queue.put(wav.numpy())
     step_ms, outputs = [], []
-    while len(queue) >= pool.need(slot):
-        samples = queue.take(pool.need(slot))
-        start = time.perf_counter()
-        outputs += pool.step({slot: samples})
-        step_ms.append(1000 * (time.perf_counter() - start))
+    with Bar("streaming", round(seconds, 1), unit="s of audio") as bar:
+        while len(queue) >= pool.need(slot):
+            samples = queue.take(pool.need(slot))
+            start = time.perf_counter()
+            outputs += pool.step({slot: samples})
+            step_ms.append(1000 * (time.perf_counter() - start))
+            bar.advance(len(samples) / SAMPLE_RATE)
     start = time.perf_counter()
     outputs += pool.close(slot, queue.take(len(queue)))
     flush_ms = 1000 * (time.perf_counter() - start)
-    frames = torch.cat([o.frames for o in outputs], 1)  # (layers, T, D)
-    offline = model(wav[None])
+    frames = torch.cat([o.frames for o in outputs], 1).cpu()  # (layers, T, D)
+    offline = model(wav[None].to(device))
     table = Table(title=f"streamed embeddings: {frames.shape[1]} frames x {frames.shape[2]} dims")
     for col in ("layer", "mean |h|", "cosine vs offline", "rel. error vs offline"):
         table.add_column(col, justify="right")
     for row, layer in enumerate(outputs[0].layers):
         ref = (offline.last_hidden_state if layer == cfg.num_layers and settings.final_norm
                else offline.hidden_states[layer])[0]
-        got = frames[row]
+        ref, got = ref.cpu(), frames[row]
         cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
         rel = ((got - ref).norm() / ref.norm()).item()
         table.add_row(str(layer), f"{got.norm(dim=-1).mean():.3f}", f"{cos:.4f}", f"{rel:.4f}")
