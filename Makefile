@@ -23,6 +23,7 @@ bench: setup
 	@$(PY) benchmarks/bench_offline.py --out benchmarks/results/offline.md
 	@$(PY) benchmarks/bench_streaming.py --out benchmarks/results/streaming.md
 	@$(PY) benchmarks/bench_mqtt.py --out benchmarks/results/mqtt.md
+	@$(PY) benchmarks/bench_resample.py --out benchmarks/results/resample.md
 
 clean:
 	rm -rf .venv out .pytest_cache .ruff_cache

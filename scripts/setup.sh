@@ -29,6 +29,6 @@ fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q "triton==3.7.1"
-.venv/bin/pip install -q -e ".[test,triton]"
+.venv/bin/pip install -q -e ".[test,triton,bench]"
 echo "$want" > "$stamp"
 echo "setup: .venv ready"
