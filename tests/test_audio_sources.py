@@ -624,7 +624,8 @@ async def _mqtt_session(port, publishers):
         async for stream in inp.streams():
             consumers.append(asyncio.create_task(consume(stream)))
 
-    async with MqttAudioInput("127.0.0.1", port, prefix="t") as inp, aiomqtt.Client("127.0.0.1", port) as pub:
+    async with MqttAudioInput(f"mqtt://127.0.0.1:{port}", prefix="t") as inp, \
+            aiomqtt.Client("127.0.0.1", port) as pub:
         acceptor = asyncio.create_task(accept(inp))
         errors = []
         await pub.subscribe("t/audio/+/error")
@@ -670,7 +671,7 @@ def test_mqtt_audio_stream_closed_by_consumer_is_ignored_until_its_end(mosquitto
     tone = (1000 * np.sin(np.arange(3200) / 5)).astype(np.int16)
 
     async def main():
-        async with MqttAudioInput("127.0.0.1", mosquitto, prefix="c") as inp, \
+        async with MqttAudioInput(f"mqtt://127.0.0.1:{mosquitto}", prefix="c") as inp, \
                 aiomqtt.Client("127.0.0.1", mosquitto) as pub:
             streams = inp.streams()
             await pub.publish("c/audio/x", tone[:320].tobytes(), qos=1)

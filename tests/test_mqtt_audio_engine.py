@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 
 import aiomqtt
 import numpy as np
@@ -49,7 +51,7 @@ def test_three_mqtt_clients_through_engine_equal_solo_streaming(model, speech, t
     got, sink = collect()
 
     async def main():
-        async with MqttAudioInput("127.0.0.1", mosquitto.port, prefix="t") as inp, \
+        async with MqttAudioInput(mosquitto.url, prefix="t") as inp, \
                 Engine(StreamPool(model, SETTINGS, capacity=4), [sink]) as engine:
             sources = {}
 
@@ -127,3 +129,32 @@ def test_stream_command_takes_two_mqtt_audio_streams(hf_models, model, speech, t
         final = statuses[name][-1]
         assert final.state == "offline" and final.counters["dropped"] == 0, final
         assert final.info["state"] == "closed" and final.info["frames_out"] == len(want), final
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
+def test_mqtt_audio_input_uses_the_shared_connection(tmp_path) -> None:
+    """Credentials in the URL, MQTT 3.1.1 by query, and the shared connection's refusal message."""
+    from streamwavlm.mqtt import Mosquitto
+    from streamwavlm.mqtt.broker import find_mosquitto
+    from streamwavlm.mqtt.connection import BrokerUnavailable
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed (apt mosquitto)")
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "mic", "pa:ss"], check=True)
+    config = ["allow_anonymous false", f"password_file {pw}"]
+    with Mosquitto(workdir=tmp_path / "b", extra_config=config) as broker:
+        async def body() -> None:
+            url = f"mqtt://mic:pa%3Ass@127.0.0.1:{broker.port}?protocol=3.1.1"
+            async with MqttAudioInput(url, prefix="t") as inp, \
+                    aiomqtt.Client("127.0.0.1", broker.port, username="mic", password="pa:ss") as pub:
+                await pub.publish("t/audio/a", np.zeros(320, "<i2").tobytes(), qos=1)
+                await pub.publish("t/audio/a", b"", qos=1)
+                stream = await asyncio.wait_for(anext(inp.streams()), 10)
+                chunks = [c async for c in stream]
+                assert sum(len(c.samples) for c in chunks) == 320
+            with pytest.raises(BrokerUnavailable, match="check the username and password"):
+                async with MqttAudioInput(f"mqtt://mic:wrong@127.0.0.1:{broker.port}", prefix="t"):
+                    pass
+
+        asyncio.run(body())

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import soundfile as sf
 from streamwavlm.audio.resample import Resampler
 from streamwavlm.audio.source import STREAM_ID, SUPPORTED_RATES, AudioChunk, QueuedSource
 from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, decode_pcm, mixdown
+from streamwavlm.mqtt.connection import Connection, Protocol, TLSOptions
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +97,16 @@ class MqttAudioInput:
     A stream closed by its consumer is ignored until its sender publishes the end (an empty payload).
     """
 
-    def __init__(self, hostname: str = "127.0.0.1", port: int = 1883, *, prefix: str = "streamwavlm",
-                 qos: int = 1, queue_size: int = 64, max_pending: int = 16,
-                 identifier: str | None = None) -> None:
-        self.hostname, self.port, self.prefix, self.qos = hostname, port, prefix, qos
+    def __init__(self, broker: str = "mqtt://127.0.0.1:1883", *, prefix: str = "streamwavlm", qos: int = 1,
+                 queue_size: int = 64, max_pending: int = 16, identifier: str | None = None,
+                 username: str | None = None, password: str | None = None, protocol: Protocol | None = None,
+                 tls: TLSOptions | None = None, timeout: float = 10.0, keepalive: int = 30) -> None:
+        # the same client path as the publisher and subscriber: TLS, credentials, protocol, TCP_NODELAY
+        self._conn = Connection.create(broker, username=username, password=password, protocol=protocol, tls=tls,
+                                       timeout=timeout, keepalive=keepalive)
+        self.prefix, self.qos = prefix, qos
         self.queue_size = queue_size
-        self._client = aiomqtt.Client(hostname, port, identifier=identifier)
+        self._client = self._conn.client(identifier or f"streamwavlm-audio-{uuid.uuid4().hex[:12]}")
         self._streams: dict[str, MqttAudioStream] = {}
         self._ignored: set[str] = set()
         self._pending: asyncio.Queue[MqttAudioStream | None] = asyncio.Queue(max_pending)
@@ -109,11 +115,11 @@ class MqttAudioInput:
 
     async def start(self) -> None:
         """Connect and subscribe."""
+        start = time.monotonic()
         try:
             await self._client.__aenter__()
         except aiomqtt.MqttError as e:
-            raise ConnectionError(f"cannot reach the MQTT broker at {self.hostname}:{self.port} ({e}); "
-                                  "is it running and listening there?") from e
+            raise self._conn.unavailable(e, time.monotonic() - start) from e
         await self._client.subscribe(audio_topic(self.prefix, "+"), qos=self.qos)
         self._task = asyncio.create_task(self._run())
 

@@ -82,8 +82,7 @@ async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[o
     elif spec.startswith("mqtt://"):
         from ..audio.mqtt_audio import MqttAudioInput
 
-        u = urlparse(spec)
-        async with MqttAudioInput(u.hostname or "127.0.0.1", u.port or 1883, prefix=AUDIO_PREFIX) as mq:
+        async with MqttAudioInput(spec, prefix=AUDIO_PREFIX) as mq:
             print(f"accepting audio on {spec} topic {AUDIO_PREFIX}/audio/<stream>", flush=True)
             async for s in mq.streams():
                 yield s, s.stream_id, True
