@@ -58,9 +58,7 @@ def total(cases: list[tuple[list[Segment], np.ndarray, list[Window]]], make: Cal
 
 
 def ours(threshold: float) -> Callable[[], OnlineClustering]:
-    shift = threshold - ClusterSettings().new_threshold
-    settings = ClusterSettings(new_threshold=threshold, update_threshold=min(1.0, 0.8 + shift),
-                               merge_threshold=min(1.0, 0.9 + shift))
+    settings = ClusterSettings().with_threshold(threshold)
     return lambda: OnlineClustering(settings)
 
 

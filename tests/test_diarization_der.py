@@ -47,7 +47,8 @@ def test_der_and_jer_equal_pyannote(collar, skip_overlap):
         ours = score(ref, hyp, collar=collar, skip_overlap=skip_overlap)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pyannote warns that it approximates the UEM, as we do
-            expected_der, expected_jer = der(_annotation(ref), _annotation(hyp)), jer(_annotation(ref), _annotation(hyp))
+            r, h = _annotation(ref), _annotation(hyp)
+            expected_der, expected_jer = der(r, h), jer(r, h)
         worst = max(worst, abs(ours.der - expected_der), abs(ours.jer - expected_jer))
         total = total.add(ours)
     assert worst < 1e-6

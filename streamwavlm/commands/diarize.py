@@ -73,15 +73,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 # new-speaker thresholds tuned on the development split of the espeak conversations (docs/benchmarks.md);
 # WavLM: the model card's verification threshold
-THRESHOLDS = {"resemblyzer": 0.75, "wavlm": 0.86}
+THRESHOLDS = {"resemblyzer": ClusterSettings().new_threshold, "wavlm": 0.86}
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
     new = args.threshold if args.threshold is not None else THRESHOLDS[args.backend]
-    base = ClusterSettings()
-    shift = new - base.new_threshold  # the update and merge thresholds keep their distance above it
-    return ClusterSettings(new_threshold=new, update_threshold=min(1.0, base.update_threshold + shift),
-                           merge_threshold=min(1.0, base.merge_threshold + shift), max_speakers=args.max_speakers)
+    return dataclasses.replace(ClusterSettings().with_threshold(new), max_speakers=args.max_speakers)
 
 
 def backend_id(args: argparse.Namespace) -> str:

@@ -17,6 +17,7 @@ split early in a conversation. Enrolled speakers (``profiles.py``) enter as name
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,14 +28,16 @@ from .window import Window
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    new_threshold: float = 0.75  # cosine below which a window does not belong to a known speaker
-    update_threshold: float = 0.8  # cosine from which a window updates its speaker's centroid
-    merge_threshold: float = 0.9  # centroids at least this similar are one speaker
-    hysteresis: float = 0.05  # cosine margin another speaker needs to take over from the current one
+    # defaults: tuned for resemblyzer on the development espeak-ng conversations (docs/benchmarks.md)
+    new_threshold: float = 0.82  # cosine below which a window does not belong to a known speaker
+    update_threshold: float = 0.85  # cosine from which a window updates its speaker's centroid
+    merge_threshold: float = 0.88  # centroids at least this similar are one speaker
+    hysteresis: float = 0.0  # cosine margin another speaker needs to take over from the current one
     confirm: int = 2  # agreeing windows (the candidate included) that open a new speaker, lookahead allowing
     memory: int = 60  # a centroid averages at most this many recent windows (follows slow drift)
     max_speakers: int = 20
     min_speech: float = 0.4  # windows with less speech than this fraction are not clustered
+    open_speech: float = 0.75  # only windows with at least this much speech open a speaker (not mixed ones)
 
     def __post_init__(self) -> None:
         for name in ("new_threshold", "update_threshold", "merge_threshold"):
@@ -42,8 +45,17 @@ class ClusterSettings:
                 raise ValueError(f"{name} is a cosine and must be in [-1, 1], got {getattr(self, name)}")
         if self.confirm < 1 or self.memory < 1 or self.max_speakers < 1:
             raise ValueError("confirm, memory and max_speakers must be >= 1")
-        if not 0.0 <= self.min_speech <= 1.0:
-            raise ValueError(f"min_speech is a fraction in [0, 1], got {self.min_speech}")
+        if not (0.0 <= self.min_speech <= 1.0 and 0.0 <= self.open_speech <= 1.0):
+            raise ValueError(f"min_speech ({self.min_speech}) and open_speech ({self.open_speech}) are fractions "
+                             "in [0, 1]")
+
+    def with_threshold(self, new_threshold: float) -> ClusterSettings:
+        """These settings for another embedding's similarity scale: the update and merge thresholds keep
+        their distance above the new-speaker threshold."""
+        shift = new_threshold - self.new_threshold
+        return dataclasses.replace(self, new_threshold=new_threshold,
+                                   update_threshold=min(1.0, self.update_threshold + shift),
+                                   merge_threshold=min(1.0, self.merge_threshold + shift))
 
 
 @dataclass
@@ -98,14 +110,17 @@ class OnlineClustering:
 
     # ------------------------------------------------------------------ learning
     def _smoothed(self, window: Window, context: Sequence[Window]) -> tuple[np.ndarray, int]:
-        """The window averaged with the following windows that overlap and resemble it, and how many of all
-        the following windows resemble it."""
-        agree = [c for c in context if float(c.vector @ window.vector) >= self.settings.new_threshold]
-        v = window.vector + sum((c.vector for c in agree if c.start < window.end), np.zeros_like(window.vector))
+        """The window averaged with the context windows that resemble it and share its stretch of speech
+        (the same speaker, most likely: turns change at pauses), and how many windows agree, itself included."""
+        thr = self.settings.new_threshold
+        agree = [c for c in context if float(c.vector @ window.vector) >= thr
+                 and (c.segment == window.segment if window.segment >= 0 else c.start < window.end)]
+        v = window.vector + sum((c.vector for c in agree), np.zeros_like(window.vector))
         return v / np.linalg.norm(v), 1 + len(agree)
 
-    def commit(self, window: Window, context: Sequence[Window] = ()) -> Assignment:
-        """Assign ``window`` for good; ``context``: the speech windows that follow it within the lookahead."""
+    def commit(self, window: Window, context: Sequence[Window] = ()) -> Assignment | None:
+        """Assign ``window`` for good. ``context``: the speech windows that follow it within the lookahead and
+        recent earlier windows of the same stretch of speech."""
         s = self.settings
         vector, agreeing = self._smoothed(window, context)
         live, sims = self._similarities(vector)
@@ -115,10 +130,11 @@ class OnlineClustering:
             if cur != best and sims[cur] >= max(s.new_threshold, sims[best] - s.hysteresis):
                 best = cur
         novel = not live or sims[best] < s.new_threshold
-        if novel and len(live) < s.max_speakers and agreeing >= min(s.confirm, 1 + len(context)):
+        if (novel and len(live) < s.max_speakers and window.speech >= s.open_speech
+                and agreeing >= s.confirm):
             return self._settle(self._open(vector), window, 1.0)
-        if not live:  # a lone candidate with nothing to join: open anyway rather than drop speech
-            return self._settle(self._open(vector), window, 1.0)
+        if not live:  # nothing to join and not clean enough to open a speaker: leave it unlabelled
+            return None
         speaker = live[best]
         if sims[best] >= s.update_threshold:
             self._learn(speaker, vector)

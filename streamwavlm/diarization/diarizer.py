@@ -57,6 +57,8 @@ class Diarizer:
         self.min_speech = min_speech
         self.turns: list[Turn] = []
         self._speech = np.zeros(0, bool)  # VAD decision per frame from frame ``_speech_first``
+        self._runs = np.zeros(0, int)  # index of each frame's stretch of speech (-1: silence)
+        self._run_count = 0
         self._speech_first = 0
         self._vad = False  # whether speech frames are being supplied at all
         self._entries: deque[_Entry] = deque()
@@ -72,7 +74,17 @@ class Diarizer:
     def add_speech(self, flags: np.ndarray) -> None:
         """Append VAD decisions for the next frames."""
         self._vad = True
-        self._speech = np.concatenate([self._speech, np.asarray(flags, bool)])
+        flags = np.asarray(flags, bool)
+        previous = bool(self._speech[-1]) if len(self._speech) else False
+        starts = flags & ~np.concatenate([[previous], flags[:-1]])
+        runs = self._run_count - 1 + np.cumsum(starts)
+        self._run_count += int(starts.sum())
+        self._speech = np.concatenate([self._speech, flags])
+        self._runs = np.concatenate([self._runs, np.where(flags, runs, -1)])
+
+    def _run_of(self, k: int) -> int:
+        i = k - self._speech_first
+        return int(self._runs[i]) if 0 <= i < len(self._runs) else -1
 
     def _is_speech(self, k: int) -> bool:
         i = k - self._speech_first
@@ -82,8 +94,12 @@ class Diarizer:
         """A speaker embedding; its speech fraction is taken from the VAD frames when there are any."""
         if self._vad:
             a, b = int(window.start / self.frame), max(int(np.ceil(window.end / self.frame)), 1)
-            flags = [self._is_speech(k) for k in range(a, b)]
-            window.speech = float(np.mean(flags)) if flags else 0.0
+            lo, hi = max(a - self._speech_first, 0), max(b - self._speech_first, 0)
+            flags, runs = self._speech[lo:hi], self._runs[lo:hi]
+            window.speech = float(np.mean(flags)) if len(flags) else 0.0
+            if flags.any():
+                ids, counts = np.unique(runs[flags], return_counts=True)
+                window.segment = int(ids[np.argmax(counts)])
         self._entries.append(_Entry(window))
         self._ends.append(window.end)
 
@@ -102,7 +118,8 @@ class Diarizer:
             e.committed = True
             if e.window.speech < self.min_speech:
                 continue
-            context = []
+            context = [entries[j].window for j in range(max(0, i - 8), i)
+                       if e.window.segment >= 0 and entries[j].window.segment == e.window.segment]
             for j in range(i + 1, len(entries)):
                 c = entries[j].window
                 if c.end > limit:
@@ -118,14 +135,16 @@ class Diarizer:
             return None
         centre, horizon = (k + 0.5) * self.frame, (k + 1) * self.frame + self.latency + 1e-9
         last = bisect.bisect_right(self._ends, horizon)
-        best: tuple[float, Assignment | None] | None = None
+        run = self._run_of(k)
+        best: tuple[tuple[bool, float], Assignment | None] | None = None
         for i in range(last - 1, -1, -1):
             e = self._entries[i]
             span = e.window.end - e.window.start
             if e.window.end < centre - span:
                 break
-            distance = abs(e.window.center - centre)
-            if e.window.speech < self.min_speech or distance > span or (best is not None and distance >= best[0]):
+            # prefer windows of the frame's own stretch of speech, then the nearest
+            key = (run >= 0 and e.window.segment != run, abs(e.window.center - centre))
+            if e.window.speech < self.min_speech or key[1] > span or (best is not None and key >= best[0]):
                 continue
             if final and not e.committed:
                 self._commit_due(self.now, False, through=i)
@@ -137,7 +156,7 @@ class Diarizer:
                 assignment = peeks[i]
             if e.committed and assignment is None:
                 continue
-            best = (distance, assignment)
+            best = (key, assignment)
         if best is None:
             return None
         if best[1] is None:
@@ -190,7 +209,7 @@ class Diarizer:
             self._uncommitted -= 1
         drop = int(horizon / self.frame) - self._speech_first
         if drop > 0:
-            self._speech = self._speech[drop:]
+            self._speech, self._runs = self._speech[drop:], self._runs[drop:]
             self._speech_first += drop
 
     def segments(self) -> list[Segment]:

@@ -20,11 +20,12 @@ from .rttm import Segment
 # (variant, pitch, speed): chosen to be audibly distinct (en+m1 and en-us+m3, for one, are nearly the same)
 VOICES = [("en+m3", 40, 165), ("en+f3", 70, 150), ("en-us+m7", 25, 140), ("en+f5", 85, 175),
           ("en+klatt", 55, 155), ("en+m1", 60, 185), ("en-us+f2", 60, 135), ("en+croak", 35, 160)]
-WORDS = ("the a this that weather report meeting project budget team river morning train station coffee "
+_WORD_TEXT = ("the a this that weather report meeting project budget team river morning train station coffee "
          "window garden computer music yesterday tomorrow quickly slowly really maybe because although "
          "people city market number letter question answer problem idea picture story evening friend "
          "should could would will might must have take make find give think know see come go look want "
-         "green bright small large early late quiet loud simple careful important different").split()
+         "green bright small large early late quiet loud simple careful important different")
+WORDS = tuple(_WORD_TEXT.split())
 INTERJECTIONS = ("yes", "okay", "right", "no way", "I see", "sure", "really", "uh huh")
 
 

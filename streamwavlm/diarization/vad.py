@@ -3,8 +3,9 @@
 ``SileroVad`` runs silero-vad's recurrent model chunk by chunk (its state carries across chunks, so the
 result is the same however the audio is split). ``EnergyVad`` is the fallback when silero-vad is not
 installed: frame energy against a tracked noise floor. Both turn a per-frame score into decisions with
-hysteresis (a higher threshold to start speech than to continue it) and a hangover of a few frames, so
-that the short pauses inside a sentence do not split a turn.
+hysteresis (a higher threshold to start speech than to continue it) and a hangover of a few frames
+(64-96 ms: longer ones mark silence between turns as speech), so that the shortest pauses inside a
+sentence do not split a stretch of speech.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class _FrameVad:
 class SileroVad(_FrameVad):
     """silero-vad's model (bundled in its wheel, runs offline); one instance per stream (it has state)."""
 
-    def __init__(self, onset: float = 0.5, offset: float = 0.35, hangover: int = 6) -> None:
+    def __init__(self, onset: float = 0.5, offset: float = 0.35, hangover: int = 2) -> None:
         super().__init__(onset, offset, hangover)
         import torch
         from silero_vad import load_silero_vad
@@ -72,7 +73,7 @@ class SileroVad(_FrameVad):
 class EnergyVad(_FrameVad):
     """Frame energy in dB over a noise floor that follows quiet stretches quickly and loud ones slowly."""
 
-    def __init__(self, margin_db: float = 12.0, floor_db: float = -60.0, hangover: int = 6) -> None:
+    def __init__(self, margin_db: float = 12.0, floor_db: float = -60.0, hangover: int = 3) -> None:
         super().__init__(margin_db, margin_db - 4.0, hangover)
         self._noise = floor_db
         self._floor = floor_db

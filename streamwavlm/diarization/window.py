@@ -12,13 +12,15 @@ class Window:
     """A speaker embedding of the audio in ``[start, end)`` seconds of a stream.
 
     ``vector`` is L2-normalised on construction (every comparison downstream is a cosine); ``speech`` is the
-    fraction of the window that speech activity detection marked as speech, filled in by the diarizer.
+    fraction of the window that speech activity detection marked as speech and ``segment`` the index of the
+    stretch of uninterrupted speech most of it lies in (-1: unknown), both filled in by the diarizer.
     """
 
     start: float
     end: float
     vector: np.ndarray
     speech: float = 1.0
+    segment: int = -1
 
     def __post_init__(self) -> None:
         v = np.asarray(self.vector, dtype=np.float32).reshape(-1)

@@ -1,0 +1,147 @@
+"""Real speech end to end: espeak-ng voices through the engine, silero-vad, resemblyzer; enrolment across
+runs; the speakers topic on a real mosquitto; the demo in a pseudo-terminal; bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+import soundfile as sf
+
+from streamwavlm.cli import main
+from streamwavlm.diarization import espeak
+from streamwavlm.diarization.der import score
+from streamwavlm.diarization.events import decode_event
+from streamwavlm.diarization.rttm import read_rttm
+from streamwavlm.diarization.vad import FRAME_SECONDS, EnergyVad, SileroVad
+
+pytestmark = pytest.mark.skipif(not espeak.available(), reason="needs espeak-ng and sox (apt espeak-ng sox)")
+pytest.importorskip("resemblyzer")
+
+
+@pytest.fixture(scope="module")
+def spoken(tmp_path_factory):
+    conv = espeak.conversation(seed=11, speakers=2, duration=30)
+    path = tmp_path_factory.mktemp("conv") / "talk.wav"
+    sf.write(path, conv.audio, 16000)
+    return conv, path
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_models):
+    """A tiny engine model: with the resemblyzer backend the WavLM weights do not matter."""
+    return str(hf_models["base"][1])
+
+
+@pytest.mark.parametrize("vad", [SileroVad, EnergyVad])
+def test_speech_activity_matches_the_reference(spoken, vad):
+    conv, _ = spoken
+    flags = vad().push(conv.audio)
+    truth = np.zeros(len(flags), bool)
+    for s in conv.reference:
+        truth[int(s.start / FRAME_SECONDS):int(s.end / FRAME_SECONDS)] = True
+    assert (flags == truth).mean() > 0.9
+
+
+def test_conversation_through_the_engine(spoken, tiny, tmp_path, capsys):
+    conv, path = spoken
+    rttm = tmp_path / "hyp.rttm"
+    assert main(["diarize", "--input", str(path), "--checkpoint", tiny, "--rttm", str(rttm), "--png",
+                 str(tmp_path / "t.png"), "--latency", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "final" in out and "start" in out
+    s = score(conv.reference, read_rttm(rttm)["talk"])
+    assert s.der < 0.15, s
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_enrolled_speakers_are_recognised_in_a_later_run(spoken, tiny, tmp_path, capsys):
+    conv, path = spoken
+    profiles = tmp_path / "speakers.json"
+    for name, voice in conv.voices.items():
+        alone = np.concatenate([espeak.synthesize(t, voice) for t in (
+            "the quick project meeting starts tomorrow morning at the station",
+            "people should find a quiet garden because the city market is loud")])
+        sf.write(tmp_path / f"{name}.wav", alone, 16000)
+        assert main(["enroll", f"{name}-enrolled", str(tmp_path / f"{name}.wav"), "--profiles", str(profiles)]) == 0
+    rttm = tmp_path / "hyp.rttm"
+    assert main(["diarize", "--input", str(path), "--checkpoint", tiny, "--profiles", str(profiles),
+                 "--rttm", str(rttm), "--quiet"]) == 0
+    hyp = read_rttm(rttm)["talk"]
+    correct = sum(max(0.0, min(r.end, h.end) - max(r.start, h.start)) for r in conv.reference for h in hyp
+                  if h.speaker == f"{r.speaker}-enrolled")
+    assert correct / sum(r.duration for r in conv.reference) > 0.8
+
+
+def test_turn_events_on_the_speakers_topic(spoken, tiny, tmp_path, mosquitto):
+    _, path = spoken
+    rttm = tmp_path / "hyp.rttm"
+    received: list[dict] = []
+
+    async def scenario() -> None:
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            await client.subscribe("dz/+/speakers", qos=1)
+            run = asyncio.create_task(asyncio.to_thread(main, [
+                "diarize", "--input", str(path), "--checkpoint", tiny, "--broker", mosquitto.url,
+                "--prefix", "dz", "--rttm", str(rttm), "--quiet"]))
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(120):
+                    async for m in client.messages:
+                        received.append(decode_event(m.payload))
+                        if run.done() and not received[-1]:
+                            break
+                        if run.done():
+                            await asyncio.sleep(0.5)
+                            break
+            assert await run == 0
+            with contextlib.suppress(asyncio.TimeoutError):
+                async with asyncio.timeout(1):
+                    async for m in client.messages:
+                        received.append(decode_event(m.payload))
+
+    asyncio.run(scenario())
+    assert [e["seq"] for e in received] == list(range(len(received)))
+    finals = [(e["start"], e["end"], e["label"]) for e in received if e["event"] == "final"]
+    assert finals == [(s.start, s.end, s.speaker) for s in read_rttm(rttm)["talk"]]
+    assert {e["stream_id"] for e in received} == {"talk"} and {"start", "final"} <= {e["event"] for e in received}
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["diarize", "--input", "missing.wav"], "missing.wav"),
+    (["diarize", "--profiles", "{tmp}/bad.json"], "not a speaker profile"),
+    (["enroll", "x", "missing.wav", "--profiles", "{tmp}/p.json"], "missing.wav"),
+    (["diarize", "--latency", "-1"], "latency"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("streamwavlm")]
+    assert len(err) == 1 and expected in err[0]
+
+
+def test_demo_runs_headless_in_a_pty(tmp_path):
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    demo = Path(__file__).parent.parent / "demos" / "diarize.py"
+    proc = subprocess.run([sys.executable, str(demo), "--out", str(tmp_path / "out")], stdin=secondary,
+                          stdout=secondary, stderr=secondary, env=env, timeout=300)
+    os.close(secondary)
+    output = b""
+    with contextlib.suppress(OSError):
+        while chunk := os.read(primary, 65536):
+            output += chunk
+    os.close(primary)
+    assert proc.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert b"DER" in output and b"final" in output
+    assert read_rttm(tmp_path / "out" / "hypothesis.rttm")
+    assert (tmp_path / "out" / "timeline.png").stat().st_size > 1000
+    json.dumps(output.decode(errors="replace"))
