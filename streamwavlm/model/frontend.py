@@ -2,6 +2,9 @@
 
 The convolutions run channels-first through oneDNN (measured faster here than GEMMs over strided
 channels-last views, which need a copy of every overlapping window); only the output is channels-last.
+Under a bf16 precision (:meth:`FrontEnd.derive`) convolutions 1.. run in bf16 with fp32 accumulation and
+their activations stay bf16 between them (a bf16 conv rounds its input to bf16 anyway); conv 0, which reads
+the raw waveform and feeds the GroupNorm statistics, and every normalisation stay fp32.
 
 Block 0 of the group-norm variant (Base, Base+) normalises each channel over the whole utterance, which is
 the one part of WavLM that cannot stream exactly. The front end therefore takes the GroupNorm statistics as
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
+from .linear import Precision
 
 Stats = tuple[Tensor, Tensor]  # per-channel (mean, biased variance), each (B, C)
 
@@ -40,6 +44,25 @@ class FrontEnd(nn.Module):
             elif i == 0:
                 self.norms.append(nn.GroupNorm(out_ch, out_ch, eps=self.eps))
             in_ch = out_ch
+        self.low: list[tuple[Tensor, Tensor | None]] = []  # bf16 oneDNN (weight, bias) of convs 1.. if derived
+
+    def derive(self, precision: Precision) -> None:
+        """Derive the convolutions' weights for ``precision``: for bf16, copies of convs 1.. in oneDNN's blocked
+        layout (reordered once here rather than on every call; a 1-D conv is a 2-D one of height 1)."""
+        self.low = [
+            (torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach().bfloat16()[:, :, None],
+                                                          [0, 0], [1, conv.stride[0]], [1, 1], 1),
+             None if conv.bias is None else conv.bias.detach().bfloat16())
+            for conv in self.convs[1:]
+        ] if precision == "bfloat16" and torch.backends.mkldnn.is_available() else []
+
+    def _conv(self, i: int, x: Tensor) -> Tensor:
+        conv = self.convs[i]
+        if i == 0 or not self.low or torch.is_grad_enabled() or x.device.type != "cpu":
+            return conv(x)
+        weight, bias = self.low[i - 1]
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.bfloat16()[:, :, None], weight, bias, [0, 0], [1, conv.stride[0]], [1, 1], 1, "none", [], "")[:, :, 0]
 
     @property
     def group_norm(self) -> bool:
@@ -63,16 +86,17 @@ class FrontEnd(nn.Module):
         if self.cfg.num_frames(wav.shape[-1]) == 0:  # too short for one frame: no frames, not an error
             return wav.new_zeros(wav.shape[0], 0, self.cfg.conv_dim)
         x = wav[:, None, :]
-        for i, conv in enumerate(self.convs):
-            x = conv(x)
+        for i in range(len(self.convs)):
+            x = self._conv(i, x)
             if self.group_norm:
                 if i == 0:
                     x = self._group_norm(x, stats(x.transpose(1, 2)) if callable(stats) else stats)
             else:
                 norm = self.norms[i]
-                x = F.layer_norm(x.transpose(1, 2), (x.shape[1],), norm.weight, norm.bias, self.eps).transpose(1, 2)
+                x = F.layer_norm(x.to(wav.dtype).transpose(1, 2), (x.shape[1],), norm.weight, norm.bias,
+                                 self.eps).transpose(1, 2)
             x = F.gelu(x)
-        return x.transpose(1, 2)
+        return x.to(wav.dtype).transpose(1, 2)
 
     def _group_norm(self, x: Tensor, stats: Stats | None) -> Tensor:
         """Per-channel normalisation of ``x (B, C, T)`` over time with given or its own (biased) statistics."""

@@ -1,21 +1,108 @@
-"""Linear layers with weights pre-packed for oneDNN on the CPU.
+"""Linear layers with a derived, pre-packed copy of the weight in the model's compute precision.
 
-Streaming steps multiply a few dozen rows by every weight matrix of the model; with plain ``F.linear`` on
-this kind of CPU that runs at about half the speed of the same product through oneDNN with the weights
-reordered once into its blocked layout (measured in docs/benchmarks.md). The packed copy is derived from
-the parameters after loading (``derive``) and used only for fp32 CPU inference; everything else (autograd,
-other devices, other dtypes) takes ``F.linear`` on the parameters. ``STREAMWAVLM_LINEAR=dense`` disables it.
+Streaming steps multiply a few dozen rows by every weight matrix of the model. With plain ``F.linear``
+that runs at about half the speed of the same product through oneDNN with the weight reordered once into
+its blocked layout (docs/benchmarks.md, docs/precision.md). The parameters stay fp32 and are what autograd,
+other devices and the state dict see; the packed copy is derived from them after loading (``derive``) and
+used for CPU inference only. Its precision (:data:`PRECISIONS`) is whatever :func:`packing` says when it is
+derived, so code that packs a weight (``SelfAttention.fuse``) needs to know nothing about precision:
+
+- ``float32``: oneDNN fp32 with the weight in its blocked layout;
+- ``bfloat16``: oneDNN bf16 with fp32 accumulation; input rounded to bf16, output widened back to fp32;
+- ``int8``: per-output-channel symmetric int8 weights and dynamic per-row activation quantisation (each
+  row, i.e. each frame of each stream, gets its own scale, so one loud stream in a batch costs the quiet
+  ones nothing), through oneDNN's u8 x s8 kernel with int32 accumulation.
+
+``STREAMWAVLM_LINEAR=dense`` disables packing (``F.linear`` on the parameters everywhere).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Packed = tuple[Tensor, Tensor | None]
+Precision = Literal["float32", "bfloat16", "int8"]
+PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
+
+_packing: ContextVar[Precision] = ContextVar("streamwavlm_packing", default="float32")
+
+
+@contextlib.contextmanager
+def packing(precision: Precision) -> Iterator[None]:
+    """Weights packed inside this block (:func:`pack`) are packed for ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    token = _packing.set(precision)
+    try:
+        yield
+    finally:
+        _packing.reset(token)
+
+
+def _rows(x: Tensor) -> Tensor:
+    return x if x.is_contiguous() else x.contiguous()
+
+
+class Packed:
+    """A linear layer's weight and bias prepared for one precision; calling it computes ``x @ W.T + b``."""
+
+    precision: Precision
+
+    def __call__(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class PackedFloat(Packed):
+    """fp32 or bf16 weights in oneDNN's blocked layout (reordered once here, not on every call)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, precision: Precision) -> None:
+        self.precision = precision
+        self.dtype = torch.bfloat16 if precision == "bfloat16" else torch.float32
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype), None)
+        self.bias = None if bias is None else bias.detach().to(self.dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(_rows(x).to(self.dtype), self.weight, self.bias, "none", [], "")
+        return y.float()
+
+
+_HALF_UP = torch.tensor(128.5)
+
+
+class PackedInt8(Packed):
+    """Per-channel int8 weights; each input row is quantised symmetrically with its own scale.
+
+    oneDNN's fast int8 kernels (VNNI) multiply unsigned by signed bytes, so a row quantised to
+    ``[-127, 127]`` is shifted by 128 and passed with zero point 128; with an input scale of 1 and the
+    weight scales applied inside, the kernel returns ``q_x @ (W_q * s_w).T`` in fp32, and the row scale and
+    the bias are applied after (oneDNN takes one input scale per tensor, not one per row).
+    """
+
+    precision: Precision = "int8"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        w = weight.detach().float()
+        self.scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        q = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        self.weight = torch.ops.onednn.qlinear_prepack(q, None)
+        self.zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+        self.bias = None if bias is None else bias.detach().float()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = _rows(x)
+        row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny) / 127
+        # round(x / s) + 128 in two passes: x / s + 128.5 lies in [1.5, 255.5] and the cast truncates
+        q = torch.addcmul(_HALF_UP, x, row_scale.reciprocal()).to(torch.uint8)
+        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.weight, self.scale, self.zero_points, None,
+                                               1.0, 0, torch.float32, "none", [None], "")
+        return y.mul_(row_scale) if self.bias is None else torch.addcmul(self.bias, y, row_scale)
 
 
 def _enabled() -> bool:
@@ -23,18 +110,20 @@ def _enabled() -> bool:
 
 
 def pack(weight: Tensor, bias: Tensor | None) -> Packed | None:
-    """oneDNN copies of ``weight`` (out, in) and ``bias``, or ``None`` where packing does not apply."""
+    """``weight`` (out, in) and ``bias`` packed for the current :func:`packing` precision, or ``None``
+    where packing does not apply (not an fp32 CPU weight, or packing disabled)."""
     if not _enabled() or weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
+    precision = _packing.get()
     with torch.no_grad():
-        return weight.detach().to_mkldnn(), None if bias is None else bias.detach().to_mkldnn()
+        return PackedInt8(weight, bias) if precision == "int8" else PackedFloat(weight, bias, precision)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Packed | None) -> Tensor:
     """``x @ weight.T + bias``, through the packed weights when they apply to this call."""
     if packed is None or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), packed[0], packed[1]).to_dense()
+    return packed(x)
 
 
 class Linear(nn.Linear):
@@ -43,7 +132,7 @@ class Linear(nn.Linear):
     packed: Packed | None = None
 
     def derive(self) -> None:
-        """Re-pack the weights (after loading or changing them)."""
+        """Re-pack the weights (after loading or changing them, or to change precision)."""
         self.packed = pack(self.weight, self.bias)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -1,0 +1,262 @@
+"""Compute precision of the CPU path: which one this CPU runs natively, which is fastest, and applying it.
+
+The model's parameters and activations stay fp32; a precision is a derived, packed copy of each weight
+(:mod:`streamwavlm.model.linear`, :meth:`FrontEnd.derive`), so the offline forward, the streaming pool and the
+x-vector head all follow the model's setting without knowing about it. ``docs/precision.md`` has the
+semantics and the measured numbers.
+
+Why detection *and* a benchmark: a path the CPU lacks instructions for still runs, emulated, and on an
+AVX2-only CPU bf16 is hundreds of times slower than fp32; so ``auto`` considers only the paths the CPU's
+flags say are native, and then times them on the shapes of a streaming step, because which native path wins
+depends on the core (AMX, VNNI width, memory bandwidth). The result is cached per CPU, thread count and torch
+version, so start-up pays for the benchmark once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+from torch import nn
+
+from .model.linear import PRECISIONS, Linear, Precision, pack, packing
+
+Dtype = Literal["float32", "bfloat16", "int8", "auto"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
+CACHE_FILE = "precision.json"
+CACHE_VERSION = 1
+
+# x86 flags (as /proc/cpuinfo names them) that give each path native instructions; any one suffices
+NATIVE_FLAGS: dict[Precision, tuple[str, ...]] = {
+    "bfloat16": ("avx512_bf16", "amx_bf16"),
+    "int8": ("avx512_vnni", "avx_vnni", "amx_int8"),
+}
+# a faster path must beat fp32 by this factor in the start-up benchmark to be chosen (noise margin)
+MIN_GAIN = 1.1
+# the benchmark's shapes: one C=16 streaming step of a Base linear, and a batch of streams / offline rows
+BENCH_ROWS = (16, 256)
+BENCH_IN, BENCH_OUT = 768, 3072
+
+
+class PrecisionError(ValueError):
+    """An unknown dtype, or one the CPU cannot run natively where emulation is not allowed."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The precision a model runs in and why: ``source`` is ``forced``, ``measured`` or ``cached``."""
+
+    precision: Precision
+    reason: str
+    source: str
+    ms: dict[str, float] = field(default_factory=dict)  # benchmark time per candidate (sum over shapes)
+
+    def describe(self) -> str:
+        """One line for people: what was chosen and why."""
+        timing = ", ".join(f"{k} {v:.2f} ms" for k, v in self.ms.items())
+        return f"{self.precision} ({self.source}: {self.reason}{'; benchmark ' + timing if timing else ''})"
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def missing(precision: Precision, flags: frozenset[str] | None = None) -> str | None:
+    """Why ``precision`` would be emulated on this CPU, or ``None`` if it runs natively."""
+    if precision == "float32":
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"native {precision} is detected on x86-64 only (this CPU: {platform.machine()})"
+    flags = cpu_flags() if flags is None else flags
+    wanted = NATIVE_FLAGS[precision]
+    if not flags & set(wanted):
+        return f"the CPU has none of {', '.join(wanted)}"
+    return None
+
+
+def native_precisions(flags: frozenset[str] | None = None) -> list[Precision]:
+    """The precisions this CPU runs natively, fp32 first."""
+    return [p for p in PRECISIONS if missing(p, flags) is None]
+
+
+def _time_candidates(candidates: list[Precision], repeats: int = 5) -> dict[str, float]:
+    """Median milliseconds per candidate of one product at each :data:`BENCH_ROWS` shape, interleaved so
+    that load from other processes hits every candidate alike."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(BENCH_OUT, BENCH_IN, generator=gen) * 0.02
+    bias = torch.zeros(BENCH_OUT)
+    inputs = [torch.randn(m, BENCH_IN, generator=gen) for m in BENCH_ROWS]
+    packed = {}
+    for p in candidates:
+        with packing(p):
+            packed[p] = pack(weight, bias)
+    times: dict[str, list[float]] = {p: [] for p in candidates}
+    with torch.no_grad():
+        for rep in range(repeats + 1):
+            for p, fn in packed.items():
+                assert fn is not None
+                start = time.perf_counter()
+                for x in inputs:
+                    fn(x)
+                if rep:  # the first round warms up (oneDNN creates its kernels on the first call)
+                    times[p].append(1000 * (time.perf_counter() - start))
+    return {p: statistics.median(t) for p, t in times.items()}
+
+
+def _cache_path() -> Path:
+    from .download import cache_root
+
+    return cache_root() / CACHE_FILE
+
+
+def _cache_key(flags: frozenset[str]) -> str:
+    relevant = sorted(flags & {f for fs in NATIVE_FLAGS.values() for f in fs} | flags & {"avx2", "avx512f"})
+    text = json.dumps([CACHE_VERSION, cpu_name(), relevant, torch.__version__, torch.get_num_threads()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_cache() -> dict[str, dict]:
+    try:
+        data = json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(entries: dict[str, dict]) -> None:
+    """Best effort: a read-only home only means the benchmark runs again next time."""
+    path = _cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def choose_auto(use_cache: bool = True) -> Choice:
+    """The fastest native precision on this CPU, from the cache or from a short benchmark (~0.5 s)."""
+    flags = cpu_flags()
+    key = _cache_key(flags)
+    entries = _read_cache() if use_cache else {}
+    if key in entries:
+        e = entries[key]
+        if e.get("precision") in native_precisions(flags):
+            return Choice(e["precision"], e["reason"], "cached", e.get("ms", {}))
+    candidates = native_precisions(flags)
+    lacking = "; ".join(f"{p} not native ({missing(p, flags)})" for p in PRECISIONS if p not in candidates)
+    if candidates == ["float32"]:
+        choice = Choice("float32", lacking, "measured")
+    else:
+        ms = _time_candidates(candidates)
+        best = min(ms, key=ms.__getitem__)
+        if ms["float32"] / ms[best] < MIN_GAIN:
+            best = "float32"
+        gain = ms["float32"] / ms[best]
+        why = (f"fastest native path, {gain:.1f}x fp32 on {'/'.join(map(str, BENCH_ROWS))} x {BENCH_IN} -> "
+               f"{BENCH_OUT}" if best != "float32" else f"no native path beat fp32 by {MIN_GAIN}x")
+        choice = Choice(best, why + (f"; {lacking}" if lacking else ""), "measured",  # type: ignore[arg-type]
+                        {k: round(v, 3) for k, v in ms.items()})
+    if use_cache:
+        entries[key] = {"precision": choice.precision, "reason": choice.reason, "ms": choice.ms,
+                        "cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+        _write_cache(entries)
+    return choice
+
+
+def resolve(dtype: str, allow_emulated: bool = True) -> Choice:
+    """The :class:`Choice` for a user's ``dtype``. A forced path the CPU would emulate raises
+    :class:`PrecisionError` unless ``allow_emulated``, in which case it warns (it may be 100x slower)."""
+    if dtype not in DTYPES:
+        raise PrecisionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return choose_auto()
+    precision: Precision = dtype  # type: ignore[assignment]
+    why = missing(precision)
+    if why is None:
+        return Choice(precision, "requested; the CPU runs it natively", "forced")
+    message = (f"dtype {dtype} is not native on this CPU ({why}); it would run emulated, possibly hundreds "
+               "of times slower than float32. Use --dtype auto or float32.")
+    if not allow_emulated:
+        raise PrecisionError(message)
+    warnings.warn(f"EMULATED PRECISION: {message}", RuntimeWarning, stacklevel=3)
+    return Choice(precision, f"forced although emulated ({why})", "forced")
+
+
+# Per layer type: the precision each one runs in under a model precision (measured: docs/precision.md).
+# The CNN's convolutions have no int8 path; under int8 they run in bf16 where that is native. Conv 0 (one
+# input channel, <1 % of the FLOPs), the positional convolution, the x-vector head, every normalisation,
+# softmax and the relative-position bias stay fp32 in every mode.
+def conv_precision(precision: Precision) -> Precision:
+    if precision == "int8":
+        return "bfloat16" if missing("bfloat16") is None else "float32"
+    return precision
+
+
+def apply(model: nn.Module, precision: Precision) -> None:
+    """Re-derive every packed copy of ``model`` (a :class:`~streamwavlm.model.wavlm.WavLM`) for ``precision``."""
+    with packing(precision):
+        for layer in model.encoder.layers:  # type: ignore[union-attr]
+            layer.attn.fuse()
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.derive()
+    model.frontend.derive(conv_precision(precision))  # type: ignore[union-attr,operator]
+
+
+def set_precision(model: nn.Module, dtype: str = "auto", allow_emulated: bool = True) -> Choice:
+    """Run ``model`` in ``dtype`` (``float32``, ``bfloat16``, ``int8`` or ``auto``) from now on, including
+    after its weights are reloaded; returns what was chosen and why (also kept as ``model.precision``)."""
+    choice = resolve(dtype, allow_emulated)
+    apply(model, choice.precision)
+    model.precision = choice  # type: ignore[assignment]
+    if not getattr(model, "_precision_hook", False):
+        # the model's own hook re-derives fp32 copies after a load; this one (registered later) runs after it
+        model.register_load_state_dict_post_hook(lambda m, _keys: apply(m, m.precision.precision))
+        model._precision_hook = True  # type: ignore[assignment]
+    return choice
+
+
+def precision_of(model: nn.Module) -> Choice:
+    """The model's current :class:`Choice` (fp32 when :func:`set_precision` was never called)."""
+    return getattr(model, "precision", None) or Choice("float32", "default", "forced")
+
+
+def report(choice: Choice) -> str:
+    """``precision: ...`` line for the CLI, with the CPU it was decided on."""
+    return f"{choice.describe()}; CPU {cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def to_dict(choice: Choice) -> dict:
+    return asdict(choice) | {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+                             "native": native_precisions(), "python": sys.version.split()[0]}
