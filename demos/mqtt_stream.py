@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from rich import box
 from rich.columns import Columns
 from rich.console import Console, Group
 from rich.live import Live
@@ -49,6 +50,14 @@ BARS = " ▁▂▃▄▅▆▇█"
 SHADES = " ░▒▓█"
 NOVELTY_CONTEXT_S = 2.0  # novelty compares a chunk with this much audio before it
 MAX_MATRICES = 3  # self-similarity matrices shown side by side; more streams only get their table row
+WIDE = 110  # terminal columns from which the table shows the payload column
+STREAM_ID_WIDTH = 14  # longer stream ids are shortened with an ellipsis in the table
+
+
+def _line(text: Text) -> Text:
+    """One terminal line: cut with an ellipsis rather than wrapped into the lines below."""
+    text.no_wrap, text.overflow = True, "ellipsis"
+    return text
 
 
 def sparkline(values: list[float], lo: float, hi: float) -> str:
@@ -79,7 +88,7 @@ class StreamView:
         self.messages += 1
         self.frames += msg.frames
         self.latency_ms.append((received - msg.timestamp) * 1000)
-        self.shape = f"{'x'.join(map(str, msg.data.shape))} {msg.data.dtype}"
+        self.shape = f"{'x'.join(map(str, msg.data.shape))} {msg.data.dtype.kind}{8 * msg.data.dtype.itemsize}"
         mean = msg.data[-1].astype(np.float64).mean(0)  # the last emitted layer, averaged over the chunk
         context = max(1, round(NOVELTY_CONTEXT_S * msg.frame_rate / max(msg.frames, 1)))
         if self.means:
@@ -156,37 +165,50 @@ class View:
             else:
                 self._stream(item.stream_id).state = item.state
 
-    def render(self) -> Group:
+    def render(self, width: int = 120) -> Group:
+        """The view for a terminal ``width`` columns wide: every line fits without wrapping at 80 columns and
+        up; the payload column appears from ``WIDE`` columns on and the novelty sparkline takes what is left."""
         elapsed = time.monotonic() - self.started
-        head = Text.assemble(("streamwavlm MQTT stream view", "bold"), f"  {self.source}  ",
-                             ("engine ", "bold"), self.engine, f"  {elapsed:.0f} s  (Ctrl-C to stop)")
-        lines: list[Text | Table | Columns] = [head]
+        lines: list[Text | Table | Columns] = [
+            Text.assemble(("streamwavlm MQTT stream view", "bold"), f"  {elapsed:.0f} s  (Ctrl-C to stop)"),
+            _line(Text.assemble(("source ", "bold"), self.source, ("  engine ", "bold"), self.engine)),
+        ]
         if self.publisher:
-            lines.append(Text(f"publishing here: {self.publisher}", style="dim"))
-            lines.extend(Text(f"  {line}", style="dim", no_wrap=True, overflow="ellipsis")
-                         for line in self.publisher_log.lines)
-        t = Table(expand=False)
-        for name in ("stream", "state", "messages", "frames", "gaps (lost)", "latency p50", "latency p99",
-                     "payload", "novelty (chunk vs previous 2 s)"):
-            t.add_column(name, no_wrap=True, justify="left" if name in ("stream", "state", "payload")
-                         or "novelty" in name else "right")
-        for stream_id, s in sorted(self.streams.items()):
-            lat = np.array(s.latency_ms) if s.latency_ms else None
-            p50 = f"{np.percentile(lat, 50):.0f} ms" if lat is not None else "-"
-            p99 = f"{np.percentile(lat, 99):.0f} ms" if lat is not None else "-"
-            nov = list(s.novelty)
-            novelty = f"{nov[-1]:4.2f} {sparkline(nov, 0.0, 1.5)}" if nov else "-"
-            t.add_row(stream_id, s.state, str(s.messages), str(s.frames), f"{s.gaps} ({s.lost})", p50, p99,
-                      s.shape, novelty)
-        lines.append(t)
+            lines.append(_line(Text(f"publishing here: {self.publisher}", style="dim")))
+            lines.extend(_line(Text(f"  {line}", style="dim")) for line in self.publisher_log.lines)
+        lines.append(self._table(width))
         panels = [Panel(s.matrix(), title=f"{sid}: last {len(s.means)} chunks", expand=False)
-                  for sid, s in sorted(self.streams.items()) if s.messages][:MAX_MATRICES]
+                  for sid, s in sorted(self.streams.items()) if s.messages][:max(1, min(MAX_MATRICES, width // 38))]
         if panels:
             lines.append(Columns(panels))
         st = self.stats
-        lines.append(Text(f"subscriber: {st.received} received, {st.duplicates} duplicates dropped, "
-                          f"{st.errors} malformed, {st.reconnects} reconnects", style="dim"))
+        lines.append(_line(Text(f"subscriber: {st.received} received, {st.duplicates} duplicates dropped, "
+                                f"{st.errors} malformed, {st.reconnects} reconnects", style="dim")))
         return Group(*lines)
+
+    def _table(self, width: int) -> Table:
+        """Short headings, a legend below; the sparkline gets the columns the other cells leave."""
+        wide = width >= WIDE
+        headings = ["stream", "state", "msgs", "frames", "gaps", "p50", "p99", *(["payload"] if wide else [])]
+        rows = []
+        for stream_id, s in sorted(self.streams.items()):
+            lat = np.array(s.latency_ms) if s.latency_ms else None
+            p50 = f"{np.percentile(lat, 50):.0f}" if lat is not None else "-"
+            p99 = f"{np.percentile(lat, 99):.0f}" if lat is not None else "-"
+            short_id = stream_id if len(stream_id) <= STREAM_ID_WIDTH else stream_id[: STREAM_ID_WIDTH - 1] + "…"
+            rows.append(([short_id, s.state, str(s.messages), str(s.frames), f"{s.gaps} ({s.lost})", p50, p99,
+                          *([s.shape] if wide else [])], list(s.novelty)))
+        widths = [max([len(h), *(len(r[0][k]) for r in rows)]) for k, h in enumerate(headings)]
+        spark = max(4, min(32, width - sum(widths) - 3 * len(headings) - len("1.00 ") - 1))
+        t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False,
+                  caption="gaps: missing messages (lost); p50/p99: latency in ms from a chunk's last audio sample "
+                  "to receipt; novelty: chunk vs previous 2 s", caption_justify="left")
+        for k, heading in enumerate([*headings, "novelty"]):
+            t.add_column(heading, no_wrap=True, justify="right" if 2 <= k <= 6 else "left")
+        for cells, novelty in rows:
+            nov = novelty[-spark:]
+            t.add_row(*cells, f"{nov[-1]:4.2f} {sparkline(nov, 0.0, 1.5)}" if nov else "-")
+        return t
 
     def summary(self) -> str:
         parts = []
@@ -251,10 +273,11 @@ async def run(args: argparse.Namespace) -> int:
         except BrokerUnavailable as e:
             console.print(f"[red]{e}[/]")
             return 2
-        with Live(view.render(), console=console, auto_refresh=False, transient=False) as live:
+        with Live(view.render(console.width), console=console, auto_refresh=False, transient=False) as live:
             publishing = (asyncio.create_task(publish_demo(broker, args, stop, view.publisher_log))
                           if args.demo else None)
-            refresh = asyncio.create_task(refresh_every(0.25, lambda: live.update(view.render(), refresh=True)))
+            redraw = lambda: live.update(view.render(console.width), refresh=True)  # noqa: E731
+            refresh = asyncio.create_task(refresh_every(0.25, redraw))
             try:
                 await until(stop, receiver, *([publishing] if publishing else []))
             finally:
@@ -265,7 +288,7 @@ async def run(args: argparse.Namespace) -> int:
                 for task in (refresh, receiver):
                     task.cancel()
                     await settle(task)
-            live.update(view.render(), refresh=True)
+            live.update(view.render(console.width), refresh=True)
     console.print(f"stopped cleanly: {view.summary()}")
     return 0
 
