@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from streamwavlm.audio.level import Metered
 from streamwavlm.audio.microphone import MicrophoneSource, list_devices
+from streamwavlm.audio.validate import AudioError
 from streamwavlm.checkpoint import model_from_setting
 from streamwavlm.engine import Engine, EngineOutput
 from streamwavlm.streaming import StreamPool, StreamSettings
@@ -47,10 +49,9 @@ class View:
         self.latency_ms: deque[float] = deque(maxlen=200)
         self.frames = 0
 
-    def audio(self, samples: np.ndarray) -> None:
-        rms = float(np.sqrt(np.mean(samples.astype(np.float64) ** 2))) if len(samples) else 0.0
-        self.level_db = 20 * np.log10(max(rms, 1e-6))
-        self.levels.append(self.level_db)
+    def level(self, _stream_id: str, db: float) -> None:
+        self.level_db = db
+        self.levels.append(db)
 
     async def sink(self, out: EngineOutput) -> None:
         self.latency_ms.append(out.latency * 1000)
@@ -79,24 +80,6 @@ class View:
         return t
 
 
-class Metered:
-    """The microphone source, with the level of each chunk shown on the way to the engine."""
-
-    def __init__(self, source: MicrophoneSource, view: View) -> None:
-        self.source, self.view, self.stats = source, view, source.stats
-
-    async def _chunks(self):
-        async for chunk in self.source:
-            self.view.audio(chunk.samples)
-            yield chunk
-
-    def __aiter__(self):
-        return self._chunks()
-
-    async def close(self) -> None:
-        await self.source.close()
-
-
 async def run(args: argparse.Namespace) -> int:
     model, description = model_from_setting(args.checkpoint)
     settings = StreamSettings(chunk=args.chunk, left=args.left)
@@ -109,7 +92,7 @@ async def run(args: argparse.Namespace) -> int:
     if args.seconds:
         loop.call_later(args.seconds, stop.set)
     async with Engine(StreamPool(model, settings), [view.sink]) as engine, mic:
-        engine.add(Metered(mic, view), "mic")
+        engine.add(Metered(mic, view.level), "mic")
         with Live(view.render(engine), console=console, refresh_per_second=4, transient=False) as live:
             while not stop.is_set():
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -132,13 +115,21 @@ def main() -> int:
     p.add_argument("--left", type=int, default=250)
     args = p.parse_args()
     if args.list_devices:
-        for d in list_devices():
+        devices = list_devices()
+        for d in devices:
             print(f"{d.index:3d}  {d.name}  ({d.channels} ch, {d.default_samplerate:.0f} Hz)")
-        return 0
+        if not devices:
+            print("no input devices: PortAudio sees no microphone (on a machine without a sound card, see "
+                  "docs/audio.md for a PulseAudio pipe source)", file=sys.stderr)
+        return 0 if devices else 1
     if args.device is not None and args.device.isdigit():
         args.device = int(args.device)
     torch.set_grad_enabled(False)
-    return asyncio.run(run(args))
+    try:
+        return asyncio.run(run(args))
+    except AudioError as e:  # no such device, no device at all
+        print(f"live_mic: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

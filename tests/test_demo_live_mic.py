@@ -59,3 +59,20 @@ def test_live_demo_shows_levels_and_latency_and_stops_on_ctrl_c(tmux, pulse_mic,
         time.sleep(0.2)
     assert done.exists(), screen(tmux)
     assert done.read_text().strip() == "0", screen(tmux)
+
+
+def test_no_input_devices_is_said_in_one_line(tmp_path):
+    """Without a sound card or sound server (PortAudio sees no input): --list-devices says so, and running
+    the demo is one line and a non-zero exit, not a traceback."""
+    env = {**os.environ, "PULSE_SERVER": f"unix:{tmp_path}/none", "XDG_RUNTIME_DIR": str(tmp_path)}
+    code = "from streamwavlm.audio.microphone import list_devices; print(len(list_devices()))"
+    if subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout.strip() != "0":
+        pytest.skip("this machine has input devices")
+    listed = subprocess.run([sys.executable, str(ROOT / "demos" / "live_mic.py"), "--list-devices"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert listed.returncode == 1 and listed.stdout == ""
+    assert listed.stderr.startswith("no input devices") and listed.stderr.count("\n") == 1
+    run = subprocess.run([sys.executable, str(ROOT / "demos" / "live_mic.py"), "--seconds", "1"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.count("\n") == 1 and "no input device" in run.stderr
