@@ -45,11 +45,6 @@ class KeyLayout:
     left: int | None = None  # ... and left context in frames (None: unlimited)
     rows: Tensor | None = None  # (B,) K/V row of each batch row
 
-    def batch(self, b: int) -> KeyLayout:
-        """The layout of batch row ``b`` alone, reading K/V row 0 (for a per-row loop over views)."""
-        return KeyLayout(self.q_pos[b:b + 1], self.k_pos[b:b + 1],
-                         None if self.k_len is None else self.k_len[b:b + 1], self.chunk, self.left)
-
 
 def set_backend(name: str | None) -> None:
     """Force ``torch`` or ``triton`` for every call (``None`` or ``auto`` restores the automatic choice)."""
@@ -114,35 +109,46 @@ def gated_rel_attention_torch(
     and keys sit at the same consecutive positions (the offline case) the bias of a block is a strided
     view of one ``(H, 2T-1)`` row, read in reversed query order, instead of a gather.
 
-    With ``layout.rows``, a run of consecutive rows is a view of K/V; scattered rows are attended one batch
-    row at a time over views of their K/V rows, so a pool's caches are never gathered into a copy.
+    With ``layout.rows`` (a pool's K/V rings, which stay in place), a run of consecutive rows is a view;
+    for scattered rows the two products run one batch row at a time over views of its K/V row, written into
+    one batched score tensor, so nothing is gathered (a gather of the rows' K/V costs a full extra pass over
+    them) and the bias, masks and softmax stay batched. Nothing is written back: the caller writes only the
+    new entries into its rings.
     """
     memo = {} if memo is None else memo
     rows = layout.rows
+    scattered: list[int] | None = None
+    if rows is not None:
+        first = int(rows[0])
+        if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
+            k, v = k[first:first + len(rows)], v[first:first + len(rows)]
+        else:
+            scattered = rows.tolist()
+        layout = KeyLayout(layout.q_pos, layout.k_pos, layout.k_len, layout.chunk, layout.left)
+    return _attend_blocks(q, k, v, gate, table, layout, memo, block_q, scattered)
+
+
+def _matmul(a: Tensor, b: Tensor, rows: list[int] | None) -> Tensor:
+    """``a (B, H, m, n) @ b (B, H, n, p)`` in fp32, or ``a[i] @ b[rows[i]]`` for a larger ``b`` without
+    copying it."""
     if rows is None:
-        return _attend_blocks(q, k, v, gate, table, layout, memo, block_q)
-    first = int(rows[0])
-    if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
-        flat = KeyLayout(layout.q_pos, layout.k_pos, layout.k_len, layout.chunk, layout.left)
-        return _attend_blocks(q, k[first:first + len(rows)], v[first:first + len(rows)], gate, table, flat, memo,
-                              block_q)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    for b, r in enumerate(rows.tolist()):
-        out[b:b + 1] = _attend_blocks(q[b:b + 1], k[r:r + 1], v[r:r + 1], gate[b:b + 1], table,
-                                      layout.batch(b), memo.setdefault(("row", b), {}), block_q)
+        return torch.matmul(a, b.float())
+    out = a.new_empty(*a.shape[:-1], b.shape[-1])
+    for i, r in enumerate(rows):
+        torch.matmul(a[i], b[r].float(), out=out[i])
     return out
 
 
 def _attend_blocks(
-    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, layout: KeyLayout, memo: dict, block_q: int
+    q: Tensor, k: Tensor, v: Tensor, gate: Tensor, table: Tensor, layout: KeyLayout, memo: dict, block_q: int,
+    rows: list[int] | None = None,
 ) -> Tensor:
     _, heads, tq, dim = q.shape
     tk = k.shape[2]
     max_d = (table.shape[1] - 1) // 2
     scale = dim**-0.5
     table = table.to(device=q.device, dtype=torch.float32)
-    kt = k.transpose(-1, -2).float()
-    vf = v.float()
+    kt = k.transpose(-1, -2)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if "ext" not in memo:
         memo["ext"] = _diagonal_bias(table, tk, max_d) if _consecutive(layout.q_pos, layout.k_pos) else None
@@ -153,14 +159,14 @@ def _attend_blocks(
             memo[s] = _block_terms(table, layout, s, e, ext, heads, max_d)
         bias, mask_add, empty = memo[s]
         qb, gb = (q[:, :, s:e].flip(2), gate[:, :, s:e].flip(2)) if ext is not None else (q[:, :, s:e], gate[:, :, s:e])
-        scores = torch.matmul(qb.float() * scale, kt)
+        scores = _matmul(qb.float() * scale, kt, rows)
         scores.addcmul_(gb[..., None].float(), bias)
         if mask_add is not None:
             scores.add_(mask_add)
         probs = torch.softmax(scores, dim=-1)
         if empty is not None:  # a query with no allowed key gives 0 (as the Triton kernel), not a mean of v
             probs.masked_fill_(empty, 0.0)
-        block = torch.matmul(probs, vf)
+        block = _matmul(probs, v, rows)
         out[:, :, s:e] = block.flip(2) if ext is not None else block
     return out
 
