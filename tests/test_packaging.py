@@ -21,6 +21,7 @@ SOURCES = ("pyproject.toml", "README.md", "streamwavlm", "kernels")
 
 
 def _copy_sources(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     for name in SOURCES:
         src = ROOT / name
         if src.is_dir():

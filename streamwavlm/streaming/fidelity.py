@@ -154,6 +154,50 @@ def pareto_front(rows: Sequence[FidelityRow]) -> list[FidelityRow]:
     return front
 
 
+def place_labels(ax: Any, points: Sequence[tuple[float, float, str]], obstacles: Sequence[tuple[float, float]] = (),
+                 fontsize: float = 7) -> list[Any]:
+    """Label each point ``(x, y, text)`` next to it where the label overlaps no other label and no marker
+    (the labelled points and ``obstacles``, in data coordinates).
+
+    Settings of equal latency and similar cosine land on top of each other; fixed offsets would print their
+    labels over one another. Points at the same place share one label. Each label tries offsets around its
+    point, nearest first, and takes the first that is free (else the least crowded). Returns the texts.
+    """
+    fig = ax.get_figure()
+    fig.canvas.draw()  # final layout: positions in pixels are only known after a draw
+    renderer = fig.canvas.get_renderer()
+    merged: dict[tuple[float, float], list[str]] = {}
+    for x, y, text in points:
+        px = ax.transData.transform((x, y))
+        key = next((k for k in merged if abs(k[0] - px[0]) < 3 and abs(k[1] - px[1]) < 3), (px[0], px[1]))
+        merged.setdefault(key, []).append(text)
+    dot = 5.0  # half the size of a marker, pixels
+    markers = [*merged, *(tuple(ax.transData.transform(p)) for p in obstacles)]
+    taken = [(x - dot, y - dot, x + dot, y + dot) for x, y in markers]
+    offsets = [(dx, dy) for r in (4, 10, 18) for dx, dy in ((r, r), (r, -r - 6), (-r, r), (-r, -r - 6), (r, 0))]
+    placed = []
+    for (x, y), texts in sorted(merged.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
+        best = None
+        for dx, dy in offsets:
+            align = "left" if dx > 0 else "right"
+            t = ax.annotate(", ".join(texts), ax.transData.inverted().transform((x, y)), textcoords="offset points",
+                            xytext=(dx, dy), fontsize=fontsize, ha=align, va="bottom", annotation_clip=False)
+            box = t.get_window_extent(renderer)
+            hits = sum(box.x0 < b[2] and b[0] < box.x1 and box.y0 < b[3] and b[1] < box.y1 for b in taken)
+            if best is None or hits < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (hits, t, (box.x0, box.y0, box.x1, box.y1))
+            else:
+                t.remove()
+            if hits == 0:
+                break
+        assert best is not None
+        taken.append(best[2])
+        placed.append(best[1])
+    return placed
+
+
 def plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -> Path:
     """A PNG: a heatmap of per-layer cosine (settings x layers) and final-layer cosine against latency.
 
@@ -189,17 +233,15 @@ def plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -> Path
     markers = {NormPolicy.RUNNING: ("o", 30), NormPolicy.FROZEN: ("s", 70)}
     lefts = sorted({r.settings.left for r in rows})
     colours = {left: f"C{k % 10}" for k, left in enumerate(lefts)}
-    labelled: set[tuple[int, int, int]] = set()
+    labels: dict[tuple[int, int, int], tuple[float, float, str]] = {}
     for r in sorted(rows, key=lambda r: -r.cosine[-1]):
         s = r.settings
         marker, size = markers[s.norm]
         hollow = s.norm == NormPolicy.FROZEN
         scatter.scatter(r.latency_ms, r.cosine[-1], marker=marker, s=size, zorder=3, linewidths=1.2,
                         facecolors="none" if hollow else colours[s.left], edgecolors=colours[s.left])
-        if (s.chunk, s.left, s.lookahead) not in labelled:  # norm policies often coincide: label once
-            labelled.add((s.chunk, s.left, s.lookahead))
-            scatter.annotate(f"C{s.chunk}/P{s.lookahead}", (r.latency_ms, r.cosine[-1]),
-                             textcoords="offset points", xytext=(4, 3), fontsize=7)
+        # norm policies often coincide: one label per (C, L, P), at its best point
+        labels.setdefault((s.chunk, s.left, s.lookahead), (r.latency_ms, r.cosine[-1], f"C{s.chunk}/P{s.lookahead}"))
     front = pareto_front(rows)
     scatter.step([r.latency_ms for r in front], [r.cosine[-1] for r in front], where="post", color="grey",
                  linestyle="--", linewidth=1, zorder=2)
@@ -216,6 +258,7 @@ def plot(rows: Sequence[FidelityRow], path: str | Path, title: str = "") -> Path
     scatter.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=11)
+    place_labels(scatter, list(labels.values()), [(r.latency_ms, r.cosine[-1]) for r in rows])
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
