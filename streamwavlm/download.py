@@ -79,6 +79,7 @@ class ModelSpec:
     hf_repo: str | None = None
     hf_sha256: tuple[tuple[str, str], ...] = ()
     note: str = ""  # caveats of the source, repeated in error messages
+    manual: str = ""  # where a person can fetch the file by hand (named in the offline message)
 
     @property
     def source(self) -> str:
@@ -118,7 +119,8 @@ def _unilm(name: str, file: str, gdrive_id: str, summary: str) -> ModelSpec:
         "a browser instead."
     )
     source = RemoteFile(file, url=f"{_UNILM_BLOB}{file}?{_UNILM_SAS}")
-    return ModelSpec(name, summary, ((source,),), note=note)
+    return ModelSpec(name, summary, ((source,),), note=note,
+                     manual=f"https://drive.google.com/file/d/{gdrive_id}/view, in a browser")
 
 
 def _hub(name: str, repo: str, summary: str, bin_sha256: str | None = None) -> ModelSpec:
@@ -430,16 +432,13 @@ def _adopt(path: Path, expected: RemoteFile) -> Entry:
 
 
 def _offline_help(spec: ModelSpec, model_dir: Path, manifest: Manifest) -> str:
-    lines = ["Without network: fetch the file(s) elsewhere, put them here and run the same command again "
-             "(it then verifies and registers them without network):"]
-    for slot in spec.slots:
-        if _cached_choice(model_dir, manifest, slot) is None:
-            others = f"   (or {', '.join(f.name for f in slot[1:])})" if len(slot) > 1 else ""
-            lines.append(f"  {model_dir / slot[0].name}{others}")
-    lines.append("or pass a local checkpoint file or Hugging Face directory with --checkpoint PATH.")
-    if spec.note:
-        lines.append(spec.note)
-    return "\n".join(lines)
+    """One line: where the missing file(s) belong, and the manual source when there is one."""
+    missing = [f"{model_dir / slot[0].name}" + (f" (or {', '.join(f.name for f in slot[1:])})" if len(slot) > 1
+                                                  else "")
+               for slot in spec.slots if _cached_choice(model_dir, manifest, slot) is None]
+    manual = f" (e.g. from {spec.manual})" if spec.manual else ""
+    return (f"without network, put the file(s) here{manual} and run again, which verifies them: "
+            f"{'; '.join(missing)}; or pass a local checkpoint with --checkpoint PATH")
 
 
 def _fetch_slot(spec: ModelSpec, slot: tuple[RemoteFile, ...], model_dir: Path, manifest: Manifest,
@@ -453,9 +452,9 @@ def _fetch_slot(spec: ModelSpec, slot: tuple[RemoteFile, ...], model_dir: Path, 
         except _NotFound:
             not_found.append(url)
         except NetworkError as e:
-            raise NetworkError(f"{e}\n{_offline_help(spec, model_dir, manifest)}") from e
+            raise NetworkError(f"{e}; {_offline_help(spec, model_dir, manifest)}") from e
         except _StatusError as e:
-            raise DownloadError(f"{e}\n{spec.note}" if spec.note else str(e)) from e
+            raise DownloadError(f"{e}; {spec.note}" if spec.note else str(e)) from e
     raise DownloadError(f"{spec.name}: not found at the source (HTTP 404): {', '.join(not_found)}")
 
 
