@@ -368,8 +368,12 @@ def fold_weight_norm(g: Tensor, v: Tensor) -> Tensor:
     return g * v / v.norm(dim=(0, 1), keepdim=True)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> WavLM:
-    """Build a :class:`WavLM` from a checkpoint in either format and load its weights strictly."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str | None = None) -> WavLM:
+    """Build a :class:`WavLM` from a checkpoint in either format and load its weights strictly.
+
+    ``dtype``: the CPU compute precision (``float32``, ``bfloat16``, ``int8`` or ``auto``; see
+    :func:`streamwavlm.precision.set_precision`); ``None`` leaves the model in fp32.
+    """
     raw = read_checkpoint(path)
     state = to_model_state(raw)
     model = WavLM(raw.config)
@@ -386,6 +390,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> WavLM:
     if wrong:
         raise CheckpointError(f"{raw.source}: wrong shapes: {wrong[:3]}; the config and weights disagree")
     model.load_state_dict(state, strict=True)
+    if dtype is not None:
+        from .precision import set_precision
+
+        set_precision(model, dtype)
     return model.to(device)
 
 
@@ -443,17 +451,26 @@ def convert(src: str | Path, dst: str | Path, to: str, *, weight_norm: str = "le
 CHECKPOINT_ENV = "STREAMWAVLM_CHECKPOINT"
 
 
-def model_from_setting(path: str | Path | None, seed: int = 0) -> tuple[WavLM, str]:
+def model_from_setting(path: str | Path | None, seed: int = 0, dtype: str | None = None) -> tuple[WavLM, str]:
     """The model a command should use: ``path``, else ``$STREAMWAVLM_CHECKPOINT``, else a randomly
-    initialised Base+-shaped model (seeded, so runs repeat). Returns the model and a description."""
+    initialised Base+-shaped model (seeded, so runs repeat). Returns the model and a description.
+
+    ``dtype`` as in :func:`load_model`, except that a precision this CPU would emulate is refused
+    (:class:`~streamwavlm.precision.PrecisionError`) instead of warned about: a command line gets an error.
+    """
     import os
 
+    from .precision import resolve, set_precision
+
+    choice = None if dtype is None else resolve(dtype, allow_emulated=False)  # refuse before loading
     chosen = path or os.environ.get(CHECKPOINT_ENV)
     if chosen:
-        model = load_model(chosen)
-        return model, f"checkpoint {chosen}"
-    torch.manual_seed(seed)
-    return WavLM(WavLMConfig()), (
-        "RANDOM WEIGHTS: no checkpoint configured, using a randomly initialised Base+-shaped model "
-        f"(the embeddings mean nothing). Pass --checkpoint PATH or set {CHECKPOINT_ENV}."
-    )
+        model, description = load_model(chosen), f"checkpoint {chosen}"
+    else:
+        torch.manual_seed(seed)
+        model, description = WavLM(WavLMConfig()), (
+            "RANDOM WEIGHTS: no checkpoint configured, using a randomly initialised Base+-shaped model "
+            f"(the embeddings mean nothing). Pass --checkpoint PATH or set {CHECKPOINT_ENV}.")
+    if choice is not None:
+        set_precision(model, choice)
+    return model, description

@@ -18,7 +18,6 @@ import hashlib
 import json
 import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -234,10 +233,11 @@ def apply(model: nn.Module, precision: Precision) -> None:
     model.frontend.derive(conv_precision(precision))  # type: ignore[union-attr,operator]
 
 
-def set_precision(model: nn.Module, dtype: str = "auto", allow_emulated: bool = True) -> Choice:
-    """Run ``model`` in ``dtype`` (``float32``, ``bfloat16``, ``int8`` or ``auto``) from now on, including
-    after its weights are reloaded; returns what was chosen and why (also kept as ``model.precision``)."""
-    choice = resolve(dtype, allow_emulated)
+def set_precision(model: nn.Module, dtype: str | Choice = "auto", allow_emulated: bool = True) -> Choice:
+    """Run ``model`` in ``dtype`` (``float32``, ``bfloat16``, ``int8``, ``auto``, or the :class:`Choice`
+    that :func:`resolve` made) from now on, including after its weights are reloaded; returns what was
+    chosen and why (also kept as ``model.precision``)."""
+    choice = dtype if isinstance(dtype, Choice) else resolve(dtype, allow_emulated)
     apply(model, choice.precision)
     model.precision = choice  # type: ignore[assignment]
     if not getattr(model, "_precision_hook", False):
@@ -258,5 +258,5 @@ def report(choice: Choice) -> str:
 
 
 def to_dict(choice: Choice) -> dict:
-    return asdict(choice) | {"cpu": cpu_name(), "threads": torch.get_num_threads(),
-                             "native": native_precisions(), "python": sys.version.split()[0]}
+    """The choice with the facts it was made on, for ``--json`` output."""
+    return asdict(choice) | {"cpu": cpu_name(), "threads": torch.get_num_threads(), "native": native_precisions()}

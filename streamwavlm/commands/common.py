@@ -6,6 +6,8 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from ..config import WavLMConfig
 from ..streaming import NormPolicy, StreamSettings
 
@@ -22,6 +24,35 @@ def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", metavar="cpu|cuda",
                         help="where the model runs: cpu, cuda or cuda:N (default: %(default)s)")
+
+
+def _dtype(text: str) -> str:
+    from ..precision import DTYPES
+
+    if text == "float16":
+        raise argparse.ArgumentTypeError("float16 is not a CPU compute precision; the payload type of "
+                                         "`stream` is --payload-dtype float16")
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; use one of {', '.join(DTYPES)}")
+    return text
+
+
+def add_dtype_option(parser: argparse.ArgumentParser, default: str | None = "auto", help: str | None = None) -> None:
+    parser.add_argument("--dtype", type=_dtype, default=default, metavar="float32|bfloat16|int8|auto",
+                        help=help or "CPU compute precision; auto: the fastest this CPU runs natively, measured "
+                                     "once and cached (docs/precision.md; default: %(default)s)")
+
+
+def cpu_dtype(args: argparse.Namespace) -> str | None:
+    """The ``--dtype`` to apply: precision paths are for the CPU; on a GPU the model stays as it is."""
+    return args.dtype if getattr(args, "device", "cpu") in (None, "cpu") else None
+
+
+def precision_line(model: torch.nn.Module) -> str:
+    """``precision: ...`` for the start of a command: what runs, and why it was chosen."""
+    from ..precision import precision_of, report
+
+    return f"[bold]precision[/]: {report(precision_of(model))}"
 
 
 def bundled_sample() -> Path:

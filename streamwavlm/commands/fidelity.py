@@ -33,7 +33,8 @@ from ..streaming.fidelity import (
     streams_statistics,
 )
 from ..streaming.settings import NormPolicy
-from .common import add_device_option
+from .common import add_device_option, add_dtype_option
+from .fidelity_precision import compare_precision
 
 RANDOM = "random"  # the CHECKPOINT name that means random Base+-shaped weights
 T = TypeVar("T")
@@ -68,12 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("audio", metavar="AUDIO",
                    help="audio file (WAV/FLAC/OGG, any rate; channels are averaged, resampled to 16 kHz)")
     ints = _list_of(int, "integers")
-    p.add_argument("--chunk", type=ints, default=DEFAULT_CHUNKS, metavar="C,...",
-                   help=f"chunk sizes in frames (default: {_csv(DEFAULT_CHUNKS)})")
-    p.add_argument("--left", type=ints, default=DEFAULT_LEFTS, metavar="L,...",
-                   help=f"attention left contexts in frames (default: {_csv(DEFAULT_LEFTS)})")
-    p.add_argument("--lookahead", type=ints, default=DEFAULT_LOOKAHEADS, metavar="P,...",
-                   help=f"positional-conv lookaheads in frames, 0..63 (default: {_csv(DEFAULT_LOOKAHEADS)})")
+    p.add_argument("--chunk", type=ints, metavar="C,...",
+                   help=f"chunk sizes in frames (default: {_csv(DEFAULT_CHUNKS)}; with --dtype: 16)")
+    p.add_argument("--left", type=ints, metavar="L,...",
+                   help=f"attention left contexts in frames (default: {_csv(DEFAULT_LEFTS)}; with --dtype: 250)")
+    p.add_argument("--lookahead", type=ints, metavar="P,...",
+                   help=f"positional-conv lookaheads in frames, 0..63 (default: {_csv(DEFAULT_LOOKAHEADS)}; "
+                        "with --dtype: 0)")
     p.add_argument("--norm", type=_list_of(NormPolicy, "policies (running, frozen)"), metavar="POLICY,...",
                    help="statistics policies (default: running,frozen for models with a GroupNorm front end "
                         "or waveform normalisation, else running: the policies coincide)")
@@ -84,6 +86,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="use only the first S seconds of AUDIO; the offline reference is quadratic in length "
                         "(default: %(default)s; 0: all)")
     add_device_option(p)
+    add_dtype_option(p, default=None, help="instead of streaming vs offline, compare this CPU precision "
+                     "(bfloat16, int8, or auto's choice) with fp32, per layer, offline and streaming")
     p.add_argument("--png", default="fidelity.png", metavar="PATH", help="plot (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="also write every number (all layers) as JSON")
     p.set_defaults(func=fidelity)
@@ -112,8 +116,11 @@ def fidelity(args: argparse.Namespace) -> int:
     if frames < 2:
         raise AudioError(f"{args.audio}: {wav.numel()} samples make {frames} frame(s); fidelity needs "
                          "at least 2 frames (45 ms)")
+    if args.dtype is not None:
+        return compare_precision(args, console, model, wav, description, random_weights)
     try:
-        grid = settings_grid(model, args.chunk, args.left, args.lookahead, args.norm, args.warmup)
+        grid = settings_grid(model, args.chunk or DEFAULT_CHUNKS, args.left or DEFAULT_LEFTS,
+                             args.lookahead or DEFAULT_LOOKAHEADS, args.norm, args.warmup)
     except ValueError as e:
         print(f"streamwavlm fidelity: error: {e}", file=sys.stderr)
         return 2

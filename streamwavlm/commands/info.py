@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from ..checkpoint import read_checkpoint, to_model_state
+from ..precision import choose_auto, to_dict
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,8 @@ def describe(path: str) -> dict:
 
 def info(args: argparse.Namespace) -> int:
     d = describe(args.checkpoint)
+    # what `--dtype auto` runs this checkpoint in on this machine, and why (docs/precision.md)
+    d["cpu_precision"] = to_dict(choose_auto())
     if args.json:
         print(json.dumps(d, indent=2, default=str))
         return 0

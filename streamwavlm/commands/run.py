@@ -23,13 +23,23 @@ from ..checkpoint import model_from_setting
 from ..embedding import resolve_device
 from ..progress import Bar
 from ..streaming import StreamPool
-from .common import add_checkpoint_option, add_device_option, add_stream_options, bundled_sample, settings_from_args
+from .common import (
+    add_checkpoint_option,
+    add_device_option,
+    add_dtype_option,
+    add_stream_options,
+    bundled_sample,
+    cpu_dtype,
+    precision_line,
+    settings_from_args,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="stream an audio file (default: the bundled sample) through the encoder")
     add_checkpoint_option(p)
     add_device_option(p)
+    add_dtype_option(p)
     add_stream_options(p)
     p.add_argument("--audio", metavar="FILE", help="audio file, any rate and channel count (default: the bundled "
                    "speech sample)")
@@ -41,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console()
     device = resolve_device(args.device)
-    model, description = model_from_setting(args.checkpoint)
+    model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
     model = model.to(device)
     cfg = model.cfg
     settings = settings_from_args(args, cfg)
@@ -49,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     wav = torch.from_numpy(load_audio(audio, min_samples=cfg.receptive_field))
     seconds = wav.numel() / SAMPLE_RATE
     console.print(f"[bold]model[/]: {description}")
+    console.print(precision_line(model))
     console.print(f"[bold]audio[/]: {audio} ({seconds:.2f} s)")
     console.print(f"[bold]streaming[/]: chunk {settings.chunk} frames, left context {settings.left}, lookahead "
                   f"{settings.lookahead}, {settings.norm.value} statistics; algorithmic latency "

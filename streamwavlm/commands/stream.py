@@ -26,7 +26,16 @@ from ..file_sink import FileSink
 from ..mqtt import EmbeddedBroker, EmbeddingMessage, Gap, Publisher, subscribe
 from ..mqtt.sink import MqttSink
 from ..streaming import StreamPool, XVectorSettings
-from .common import add_checkpoint_option, add_device_option, add_stream_options, bundled_sample, settings_from_args
+from .common import (
+    add_checkpoint_option,
+    add_device_option,
+    add_dtype_option,
+    add_stream_options,
+    bundled_sample,
+    cpu_dtype,
+    precision_line,
+    settings_from_args,
+)
 
 AUDIO_PREFIX = "streamwavlm-audio"
 
@@ -46,7 +55,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix", default="streamwavlm", help="topic prefix (default: %(default)s)")
     p.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT protocol version (default: 5)")
     p.add_argument("--qos", type=int, choices=(0, 1, 2), default=1, help="QoS of embeddings (default: 1)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="payload dtype")
+    add_dtype_option(p)
+    p.add_argument("--payload-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the published vectors (default: %(default)s)")
     p.add_argument("--xvector", metavar="WINDOW,HOP", help="publish x-vectors over WINDOW frames every HOP "
                    "frames (needs a speaker-head checkpoint)")
     p.add_argument("--realtime", action="store_true", help="pace file input in real time")
@@ -114,7 +125,7 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
     """Run the main job until the input ends, ``--seconds`` pass, Ctrl-C, or ``stop`` is set."""
     console = Console()
     torch.set_grad_enabled(False)
-    model, description = model_from_setting(args.checkpoint)
+    model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
     settings = settings_from_args(args, model.cfg)
     if args.xvector:
         window, hop = (int(x) for x in args.xvector.split(","))
@@ -122,6 +133,7 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
         settings.validate(model.cfg)
     model = model.to(resolve_device(args.device))
     console.print(f"[bold]model[/]: {description}")
+    console.print(precision_line(model))
     model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
     spec = args.input or str(bundled_sample())
     publish = args.broker != "none"
@@ -147,13 +159,13 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
             listener = asyncio.create_task(_listen(broker, args.prefix, console, latencies, levels))
             await asyncio.sleep(0.3)  # let the subscription settle before the first message
         frame_rate = 16000 / model.cfg.hop
-        saver = FileSink(args.save, model_id, frame_rate, args.dtype) if args.save else None
+        saver = FileSink(args.save, model_id, frame_rate, args.payload_dtype) if args.save else None
         publisher, mqtt_sink = None, None
         if publish:
             publisher = await stack.enter_async_context(Publisher(
                 broker, prefix=args.prefix, protocol=args.protocol,
                 qos={"embeddings": args.qos, "xvector": args.qos}))
-            mqtt_sink = MqttSink(publisher, model_id, frame_rate, args.dtype)
+            mqtt_sink = MqttSink(publisher, model_id, frame_rate, args.payload_dtype)
         sinks = [s for s in (mqtt_sink, saver) if s is not None]
         pool = StreamPool(model, settings, capacity=args.capacity)
         engine = await stack.enter_async_context(
