@@ -48,8 +48,8 @@ def test_file_to_mqtt_delivers_exact_tensors(hf_models, speech, tmp_path, mosqui
     sf.write(tmp_path / "in.wav", wav.numpy(), 16000, subtype="FLOAT")
     settings = StreamSettings(chunk=8, left=20, lookahead=3, layers=(1, 3))
     expected = expected_frames(directory, wav, settings)
-    argv = ["stream", "--checkpoint", str(directory), "--input", str(tmp_path / "in.wav"), "--broker",
-            mosquitto.url, "--prefix", "t", "--protocol", protocol, "--chunk", "8", "--left", "20",
+    argv = ["stream", "--checkpoint", str(directory), "--dtype", "float32", "--input", str(tmp_path / "in.wav"),
+            "--broker", mosquitto.url, "--prefix", "t", "--protocol", protocol, "--chunk", "8", "--left", "20",
             "--lookahead", "3", "--layers", "1,3"]
     got = asyncio.run(run_and_collect(argv, mosquitto.url, len(expected)))
     assert [m.seq for m in got] == list(range(len(expected)))
@@ -84,8 +84,8 @@ def test_xvectors_are_published(speech, tmp_path, mosquitto):
     sf.write(tmp_path / "in.wav", wav.numpy(), 16000, subtype="FLOAT")
     pool = StreamPool(load_model(directory), StreamSettings(chunk=8, left=20, xvector=XVectorSettings(30, 10)))
     expected = [v for o in stream_audio(pool, wav) for v in o.xvectors]
-    argv = ["stream", "--checkpoint", str(directory), "--input", str(tmp_path / "in.wav"), "--broker", mosquitto.url,
-            "--prefix", "t", "--chunk", "8", "--left", "20", "--xvector", "30,10"]
+    argv = ["stream", "--checkpoint", str(directory), "--dtype", "float32", "--input", str(tmp_path / "in.wav"),
+            "--broker", mosquitto.url, "--prefix", "t", "--chunk", "8", "--left", "20", "--xvector", "30,10"]
 
     async def main() -> list[EmbeddingMessage]:
         got: list[EmbeddingMessage] = []

@@ -49,7 +49,7 @@ def test_saved_file_equals_what_was_published(hf_models, audio: Path, tmp_path: 
     directory = str(hf_models["large"][1])
     base = ["stream", "--checkpoint", directory, "--input", str(audio), *OPTIONS]
     published = asyncio.run(_published_and_saved(
-        [*base, "--broker", mosquitto.url, "--save", str(tmp_path / "with-broker.npz"), "--dtype", "float16"],
+        [*base, "--broker", mosquitto.url, "--save", str(tmp_path / "with-broker.npz"), "--payload-dtype", "float16"],
         mosquitto.url))
     saved = np.load(tmp_path / "with-broker.npz")
     assert published and [m.seq for m in published] == list(range(len(published)))
@@ -61,7 +61,7 @@ def test_saved_file_equals_what_was_published(hf_models, audio: Path, tmp_path: 
     np.testing.assert_allclose(saved["in/frame_times"], (first + np.arange(len(emb))) / 50.0)
     assert float(saved["frame_rate"]) == 50.0
 
-    assert cli.main([*base, "--broker", "none", "--save", str(tmp_path / "alone"), "--dtype", "float16"]) == 0
+    assert cli.main([*base, "--broker", "none", "--save", str(tmp_path / "alone"), "--payload-dtype", "float16"]) == 0
     alone = np.load(tmp_path / "alone.npz")  # the suffix is added
     assert sorted(alone.files) == sorted(saved.files)
     for key in saved.files:
