@@ -85,7 +85,7 @@ def test_stream_command_takes_two_mqtt_audio_streams(hf_models, model, speech, t
     audio = {name: write_pcm16(tmp_path / f"{name}.wav", speech.numpy()[i * 4000: 16000 + i * 4000])
              for i, name in enumerate(("kitchen", "hall"))}
     expected = {name: solo_frames(model, wav) for name, wav in audio.items()}
-    argv = ["stream", "--checkpoint", str(directory), "--input", f"mqtt://127.0.0.1:{mosquitto.port}",
+    argv = ["stream", "--checkpoint", str(directory), "--dtype", "float32", "--input", f"mqtt://127.0.0.1:{mosquitto.port}",
             "--broker", mosquitto.url, "--prefix", "out", "--chunk", str(SETTINGS.chunk), "--left",
             str(SETTINGS.left), "--lookahead", str(SETTINGS.lookahead), "--seconds", "4"]
     messages: dict[str, list[EmbeddingMessage]] = {name: [] for name in audio}
