@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", action="store_true", help="play files in real time")
     p.add_argument("--latency", type=float, default=2.0)
     p.add_argument("--profiles", help="enrolled speakers (streamwavlm enroll)")
+    p.add_argument("--checkpoint", help="WavLM checkpoint for the engine (default: random Base+-shaped weights)")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (microphone)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     rttm, png = out / "hypothesis.rttm", out / "timeline.png"
     argv = ["diarize", "--input", source, "--latency", str(args.latency), "--rttm", str(rttm), "--png", str(png)]
     argv += ["--realtime"] * args.realtime + ["--profiles", args.profiles] * bool(args.profiles)
+    argv += ["--checkpoint", args.checkpoint] * bool(args.checkpoint)
     argv += ["--reference", str(reference)] * bool(reference) + ["--seconds", str(args.seconds)] * bool(args.seconds)
     code = cli(argv)
     if code == 0 and reference is not None:

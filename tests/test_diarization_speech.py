@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import pty
 import subprocess
@@ -87,31 +86,28 @@ def test_turn_events_on_the_speakers_topic(spoken, tiny, tmp_path, mosquitto):
     rttm = tmp_path / "hyp.rttm"
     received: list[dict] = []
 
-    async def scenario() -> None:
+    async def scenario() -> int:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.subscribe("dz/+/speakers", qos=1)
-            run = asyncio.create_task(asyncio.to_thread(main, [
-                "diarize", "--input", str(path), "--checkpoint", tiny, "--broker", mosquitto.url,
-                "--prefix", "dz", "--rttm", str(rttm), "--quiet"]))
-            with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(120):
-                    async for m in client.messages:
-                        received.append(decode_event(m.payload))
-                        if run.done() and not received[-1]:
-                            break
-                        if run.done():
-                            await asyncio.sleep(0.5)
-                            break
-            assert await run == 0
-            with contextlib.suppress(asyncio.TimeoutError):
-                async with asyncio.timeout(1):
-                    async for m in client.messages:
-                        received.append(decode_event(m.payload))
 
-    asyncio.run(scenario())
+            async def collect() -> None:
+                async for m in client.messages:
+                    received.append(decode_event(m.payload))
+
+            collector = asyncio.create_task(collect())
+            code = await asyncio.to_thread(main, [
+                "diarize", "--input", str(path), "--checkpoint", tiny, "--broker", mosquitto.url,
+                "--prefix", "dz", "--rttm", str(rttm), "--quiet"])
+            await asyncio.sleep(1.0)  # the publisher flushed before diarize returned; let delivery finish
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+            return code
+
+    assert asyncio.run(scenario()) == 0
     assert [e["seq"] for e in received] == list(range(len(received)))
-    finals = [(e["start"], e["end"], e["label"]) for e in received if e["event"] == "final"]
-    assert finals == [(s.start, s.end, s.speaker) for s in read_rttm(rttm)["talk"]]
+    finals = [(round(e["start"], 3), round(e["end"], 3), e["label"]) for e in received if e["event"] == "final"]
+    assert finals == [(round(s.start, 3), round(s.end, 3), s.speaker) for s in read_rttm(rttm)["talk"]]
     assert {e["stream_id"] for e in received} == {"talk"} and {"start", "final"} <= {e["event"] for e in received}
 
 
@@ -128,20 +124,20 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, expected):
     assert len(err) == 1 and expected in err[0]
 
 
-def test_demo_runs_headless_in_a_pty(tmp_path):
+def test_demo_runs_headless_in_a_pty(tmp_path, tiny):
+    """The demo as a user runs it in a terminal (a pseudo-terminal here), read while it runs."""
     primary, secondary = pty.openpty()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     demo = Path(__file__).parent.parent / "demos" / "diarize.py"
-    proc = subprocess.run([sys.executable, str(demo), "--out", str(tmp_path / "out")], stdin=secondary,
-                          stdout=secondary, stderr=secondary, env=env, timeout=300)
+    proc = subprocess.Popen([sys.executable, str(demo), "--out", str(tmp_path / "out"), "--checkpoint", tiny],
+                            stdin=secondary, stdout=secondary, stderr=secondary,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     os.close(secondary)
     output = b""
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError):  # EIO once the demo has exited and closed the terminal
         while chunk := os.read(primary, 65536):
             output += chunk
     os.close(primary)
-    assert proc.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert proc.wait(timeout=120) == 0, output.decode(errors="replace")[-2000:]
     assert b"DER" in output and b"final" in output
     assert read_rttm(tmp_path / "out" / "hypothesis.rttm")
-    assert (tmp_path / "out" / "timeline.png").stat().st_size > 1000
-    json.dumps(output.decode(errors="replace"))
+    assert (tmp_path / "out" / "timeline.png").read_bytes()[:4] == b"\x89PNG"

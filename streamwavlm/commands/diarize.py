@@ -149,6 +149,18 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
+def _check_file(path: str) -> None:
+    """Refuse an unreadable input before the engine starts (there it would only end its own stream)."""
+    import soundfile
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such audio file")
+    try:
+        soundfile.info(path)
+    except (RuntimeError, soundfile.LibsndfileError) as e:
+        raise ValueError(f"{path}: cannot read audio ({e}); is it a WAV/FLAC/OGG file?") from None
+
+
 async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSettings) -> None:
     torch.set_grad_enabled(False)
     model, description = model_from_setting(args.checkpoint)
@@ -159,6 +171,8 @@ async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSet
         session.hop_samples = model.cfg.hop
     print(f"model: {description}", file=sys.stderr)
     spec = args.input or str(bundled_sample())
+    if not spec.startswith(("ws://", "mqtt://", "mic")):
+        _check_file(spec)
     pool = StreamPool(model, settings, capacity=16)
     deadline = time.monotonic() + args.seconds if args.seconds else None
     async with Engine(pool, [session.sink]) as engine:
