@@ -26,7 +26,7 @@ from ..diarization.profiles import load_profiles
 from ..diarization.rttm import format_rttm, read_rttm
 from ..diarization.turns import TurnEvent
 from ..engine import Engine
-from ..mqtt import EmbeddingMessage, Status, subscribe
+from ..mqtt import BrokerUnavailable, EmbeddingMessage, Status, subscribe
 from ..streaming import StreamPool, XVectorSettings
 from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
 from .stream import _sources
@@ -40,8 +40,9 @@ def add_diarization_options(p: argparse.ArgumentParser) -> None:
                         "x-vectors (needs a WavLMForXVector checkpoint) (default: %(default)s)")
     g.add_argument("--xvector", default="150,50", metavar="WINDOW,HOP",
                    help="WavLM x-vector window and hop in frames (default: %(default)s)")
-    g.add_argument("--vad", choices=("auto", "silero", "energy"), default="auto",
-                   help="speech activity detector (default: silero-vad when installed, else energy)")
+    g.add_argument("--vad", choices=("auto", "silero", "energy", "none"), default="auto",
+                   help="speech activity detector (default: silero-vad when installed, else energy; none: every "
+                        "window counts as speech)")
     g.add_argument("--profiles", metavar="FILE", help="enrolled speakers (JSON, from `streamwavlm enroll`)")
 
 
@@ -54,7 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(audio through the engine in-process; default: the bundled sample)")
     p.add_argument("--subscribe", metavar="URL", help="instead of --input: diarize the 'xvector' topic of an "
                    "engine publishing to this broker (no speech activity: every x-vector counts as speech)")
-    p.add_argument("--stream", default="+", help="with --subscribe: the stream id, or + for all (default: all)")
+    p.add_argument("--stream", default="+", help="with --subscribe: the stream id (exit when it ends), or + for "
+                   "all (default: all, until --seconds or Ctrl-C)")
     p.add_argument("--prefix", default="streamwavlm", help="topic prefix (default: %(default)s)")
     p.add_argument("--broker", metavar="URL", help="publish turn events on <prefix>/<stream>/speakers there")
     p.add_argument("--latency", type=float, default=2.0,
@@ -132,7 +134,8 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.reference:
         read_rttm(args.reference)  # refuse a bad reference before the run, not after it
     xs = xvector_settings(args)
-    session = Session(backend=args.backend, latency=args.latency, vad=None if args.subscribe else args.vad,
+    vad = None if args.subscribe or args.vad == "none" else args.vad
+    session = Session(backend=args.backend, latency=args.latency, vad=vad,
                       cluster=cluster_settings(args), enrolled=enrolled, xvector_window=xs.window)
     session.handlers.append(Printer(out, args.quiet))
     if enrolled:
@@ -211,8 +214,14 @@ async def _from_mqtt(args: argparse.Namespace, session: Session) -> None:
                 elif isinstance(item, Status) and item.state == "offline" and item.stream_id in seen:
                     session.close(item.stream_id)
                     seen.discard(item.stream_id)
+                    if args.stream != "+":
+                        return
 
-    with contextlib.suppress(asyncio.TimeoutError):
+    try:
         await asyncio.wait_for(consume(), args.seconds)
+    except asyncio.TimeoutError:
+        pass
+    except BrokerUnavailable as e:
+        raise ValueError(str(e)) from None
     for stream_id in list(session.streams):
         session.close(stream_id)

@@ -53,11 +53,13 @@ async def _xvector_windows(args: argparse.Namespace) -> list[Window]:
 
 def speech_windows(args: argparse.Namespace, audio: np.ndarray) -> list[Window]:
     """The backend's windows over ``audio`` that are mostly speech."""
-    flags = make_vad(args.vad).push(audio)
+    flags = make_vad(args.vad).push(audio) if args.vad != "none" else None
     if args.backend == "resemblyzer":
         windows = ResemblyzerEmbedder().push(audio)
     else:
         windows = asyncio.run(_xvector_windows(args))
+    if flags is None:
+        return windows
     kept = []
     for w in windows:
         span = flags[int(w.start / FRAME_SECONDS):int(w.end / FRAME_SECONDS)]
