@@ -29,6 +29,7 @@ fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.13.0"
 .venv/bin/pip install -q "triton==3.7.1"
-.venv/bin/pip install -q -e ".[test,triton,bench]"
+.venv/bin/pip install -q -e ".[test,triton,bench,diarization]"
+.venv/bin/pip install -q --no-deps "resemblyzer==0.1.4"  # its real needs are in the diarization extra
 echo "$want" > "$stamp"
 echo "setup: .venv ready"
