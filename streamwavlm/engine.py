@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+import torch
 
 from .audio.queue import SampleQueue
-from .audio.source import AudioSource
+from .audio.source import AudioSource, refuse
 from .audio.validate import SAMPLE_RATE
 from .streaming import ChunkOutput, StreamPool
 
@@ -44,6 +45,12 @@ class EngineOutput:
     stream_start: int  # stream sample index of the chunk's first frame (dropped audio accounted for)
     latency: float  # seconds from the arrival of the chunk's last input sample to the output
     wall_time: float  # time.time() when the output was ready
+    stream_frame: int = 0  # stream frame index of the chunk's first frame: ``first_frame`` + frames dropped
+
+    @property
+    def frame_offset(self) -> int:
+        """Frames the overload policy dropped before this chunk (add it to the chunk's frame indices)."""
+        return self.stream_frame - self.chunk.first_frame
 
     @property
     def stream_id(self) -> str:
@@ -121,17 +128,34 @@ class _Stream:
 
 
 class Engine:
-    """Runs many audio sources through one :class:`StreamPool`; call :meth:`add` then :meth:`drain`."""
+    """Runs many audio sources through one :class:`StreamPool`; call :meth:`add` then :meth:`drain`.
+
+    One stream's fault stays its own: a source that fails, audio that drives the model to non-finite values,
+    a step or sink that raises for a stream, or a source silent for ``idle_timeout`` seconds ends that
+    stream (with ``error`` saying why) while the others go on. ``status_interval``: tell ``on_status`` the
+    live counters of every open stream this often (seconds; None: only when streams start and end).
+    """
 
     def __init__(self, pool: StreamPool, sinks: list[Sink] | None = None, *, max_backlog: float = 2.0,
                  policy: OverloadPolicy = "drop_oldest",
-                 on_status: Callable[[StreamStatus], None] | None = None, keep_finished: int = 1000) -> None:
+                 on_status: Callable[[StreamStatus], None] | None = None, keep_finished: int = 1000,
+                 idle_timeout: float | None = None, status_interval: float | None = None) -> None:
         if policy not in ("drop_oldest", "shed"):
             raise ValueError(f"unknown overload policy {policy!r}; use drop_oldest or shed")
+        step = pool.cfg.receptive_field - pool.cfg.hop + pool.cfg.hop * (pool.settings.chunk + pool.settings.lookahead)
+        if not max_backlog * SAMPLE_RATE >= step:
+            raise ValueError(f"max_backlog {max_backlog} s is shorter than one encoder step "
+                             f"({step / SAMPLE_RATE:.3f} s for chunk {pool.settings.chunk}): nothing could ever "
+                             "be processed; use at least that (the default is 2 s)")
+        for name, value in (("idle_timeout", idle_timeout), ("status_interval", status_interval)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds (or None), got {value}")
         self.pool = pool
         self.sinks = list(sinks or [])
         self.max_backlog = int(max_backlog * SAMPLE_RATE)
         self.policy = policy
+        self.idle_timeout = idle_timeout
+        self.status_interval = status_interval
         self.streams: dict[str, _Stream] = {}
         self.finished: dict[str, StreamStatus] = {}  # the last ``keep_finished`` ended streams
         self.keep_finished = keep_finished
@@ -140,20 +164,39 @@ class Engine:
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Engine:
         self._scheduler = asyncio.create_task(self._schedule(), name="streamwavlm-scheduler")
+        if self.status_interval is not None and self.on_status is not None:
+            self._ticker = asyncio.create_task(self._tick(self.status_interval), name="streamwavlm-status")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for stream in list(self.streams.values()):
             await stream.source.close()
         await self.drain()
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
+        for task in (self._ticker, self._scheduler):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _tick(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            for stream in list(self.streams.values()):
+                self._tell(stream.status)
+
+    def _tell(self, status: StreamStatus) -> None:
+        """Hand a status to ``on_status``; its failure is logged, never a stream's or the engine's end."""
+        if self.on_status is None:
+            return
+        try:
+            self.on_status(status)
+        except Exception:
+            log.exception("stream %s: status callback failed", status.stream_id)
 
     def add(self, source: AudioSource, stream_id: str, *, live: bool = True) -> StreamStatus:
         """Start reading ``source`` as stream ``stream_id`` (a pool slot is taken now).
@@ -163,12 +206,11 @@ class Engine:
         """
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} is already running")
-        slot = self.pool.open(stream_id)
+        slot = self.pool.open(stream_id)  # PoolFull when every slot is taken: nothing else has changed
         stream = _Stream(StreamStatus(stream_id), source, slot, live=live)
         self.streams[stream_id] = stream
         stream.task = asyncio.create_task(self._read(stream), name=f"source-{stream_id}")
-        if self.on_status is not None:
-            self.on_status(stream.status)
+        self._tell(stream.status)
         return stream.status
 
     async def drain(self) -> None:
@@ -188,11 +230,22 @@ class Engine:
     # ------------------------------------------------------------------ sources
     async def _read(self, stream: _Stream) -> None:
         st = stream.status
+        chunks = aiter(stream.source)
         try:
-            async for chunk in stream.source:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), self.idle_timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    st.error = (f"idle: no audio for {self.idle_timeout:g} s, so the stream was ended and its "
+                                "slot freed; send audio continuously or end the stream explicitly")
+                    log.warning("stream %s: %s", st.stream_id, st.error)
+                    await stream.source.close()
+                    break
                 stream.queue.put(chunk.samples, chunk.start, chunk.arrival)
                 self._wake.set()
-                while not stream.live and st.backlog > self.max_backlog:
+                while not stream.live and st.backlog > self.max_backlog and st.state == "open":
                     stream.room.clear()
                     await stream.room.wait()
                 if st.backlog > self.max_backlog:
@@ -213,7 +266,8 @@ class Engine:
             st.error = f"shed: backlog exceeded {self.max_backlog / SAMPLE_RATE:.1f} s (compute is behind)"
             log.warning("stream %s: %s", st.stream_id, st.error)
             return
-        stream.queue.drop_oldest(st.backlog - self.max_backlog)
+        hop = self.pool.cfg.hop  # whole frames, so that stream frame indices stay exact after a drop
+        stream.queue.drop_oldest(-(-(st.backlog - self.max_backlog) // hop) * hop)
 
     # ------------------------------------------------------------------ scheduling
     def _ready(self, stream: _Stream) -> bool:
@@ -239,7 +293,13 @@ class Engine:
         for s in streams:
             s.room.set()
         start = time.perf_counter()
-        outputs = await asyncio.to_thread(self.pool.step, audio)
+        try:
+            outputs = await asyncio.to_thread(self.pool.step, audio)
+        except Exception as e:  # a bug or resource failure in a step ends the streams of that step only
+            log.exception("step of %d stream(s) failed", len(streams))
+            for s in streams:
+                await self._fail(s, "internal_error", f"internal error in the encoder step: {e!r}")
+            return
         elapsed = time.perf_counter() - start
         self.step_times.append(elapsed)
         self.batch_sizes.append(len(streams))
@@ -247,23 +307,46 @@ class Engine:
             s.status.compute += elapsed / len(streams)
         await self._deliver(outputs)
 
+    def _free(self, stream: _Stream) -> None:
+        """Give the stream's slot back to the pool, unless closing it already did."""
+        if self.pool.streams.get(stream.status.stream_id) == stream.slot:
+            self.pool.discard(stream.slot)
+
+    async def _fail(self, stream: _Stream, code: str, message: str) -> None:
+        """End one stream with an error: its state, its sender told (network sources), its slot freed soon
+        (by the scheduler, once its source has ended)."""
+        st = stream.status
+        if st.state != "open":
+            return
+        st.state, st.error = "failed", message
+        log.warning("stream %s: %s", st.stream_id, message)
+        self._free(stream)
+        stream.room.set()  # a reader waiting for room (back-pressure) must see the end
+        await refuse(stream.source, code, message)
+        self._wake.set()
+
     async def _finish(self, stream: _Stream) -> None:
         """Flush a stream whose source ended (or drop a failed/shed one) and free its slot."""
         st = stream.status
         if st.state == "open":
             rest = stream.queue.take(st.backlog)  # the tail that never filled a step
-            outputs = await asyncio.to_thread(self.pool.close, stream.slot, rest)
-            await self._deliver(outputs)
-            st.state = "closed"
+            try:
+                outputs = await asyncio.to_thread(self.pool.close, stream.slot, rest)
+            except Exception as e:
+                log.exception("stream %s: flush failed", st.stream_id)
+                st.state, st.error = "failed", f"internal error in the final step: {e!r}"
+            else:
+                await self._deliver(outputs)
+                if st.state == "open":
+                    st.state = "closed"
         else:
-            self.pool.discard(stream.slot)
             await stream.source.close()
+        self._free(stream)
         del self.streams[st.stream_id]
         self.finished[st.stream_id] = st
         while len(self.finished) > self.keep_finished:
             del self.finished[next(iter(self.finished))]
-        if self.on_status is not None:
-            self.on_status(st)
+        self._tell(st)
 
     async def _deliver(self, outputs: list[ChunkOutput]) -> None:
         now_mono, now_wall = time.monotonic(), time.time()
@@ -271,10 +354,31 @@ class Engine:
         for out in outputs:
             stream = self.streams[out.stream_id]
             st = stream.status
+            if st.state != "open":
+                continue
+            if not _finite(out):
+                await self._fail(stream, "non_finite", _non_finite_message(out))
+                continue
             latency = max(0.0, now_mono - stream.queue.last_arrival)
             if out.num_frames:
                 st.latencies.append(latency)
             st.frames_out += out.num_frames
-            result = EngineOutput(out, stream.queue.stream_index(out.first_frame * hop), latency, now_wall)
+            start = stream.queue.stream_index(out.first_frame * hop)
+            result = EngineOutput(out, start, latency, now_wall, start // hop)
             for sink in self.sinks:
-                await sink(result)
+                try:
+                    await sink(result)
+                except Exception as e:  # a sink that cannot take this stream's output ends this stream only
+                    log.exception("stream %s: sink %r failed", st.stream_id, sink)
+                    await self._fail(stream, "internal_error", f"output could not be delivered: {e!r}")
+                    break
+
+
+def _finite(out: ChunkOutput) -> bool:
+    return bool(torch.isfinite(out.frames).all()) and all(bool(torch.isfinite(v).all()) for _, v in out.xvectors)
+
+
+def _non_finite_message(out: ChunkOutput) -> str:
+    return (f"the model produced non-finite values (NaN/Inf) from this stream's audio at frame {out.first_frame}; "
+            "the stream was ended. Its samples are probably far outside [-1, 1] (e.g. integer PCM sent as float, "
+            "or a broken capture): scale float audio to [-1, 1]")

@@ -41,9 +41,10 @@ class FileSink:
         chunk = out.chunk
         if chunk.num_frames:
             self._frames[chunk.stream_id].append(chunk.frames.numpy().astype(self.dtype).transpose(1, 0, 2))
-            self._first[chunk.stream_id].append(chunk.first_frame)
+            self._first[chunk.stream_id].append(out.stream_frame)  # stream time: frames dropped count
             self._layers[chunk.stream_id] = tuple(chunk.layers)
-        self._xvectors[chunk.stream_id] += [(end, v.numpy().astype(self.dtype)) for end, v in chunk.xvectors]
+        self._xvectors[chunk.stream_id] += [(end + out.frame_offset, v.numpy().astype(self.dtype))
+                                            for end, v in chunk.xvectors]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Everything collected so far, under the names the file uses."""

@@ -363,9 +363,29 @@ def test_file_source_refuses_unreadable_and_nan(tmp_path):
     bad[3000] = np.nan
     sf.write(tmp_path / "nan.wav", bad, 16000, subtype="FLOAT")
     source = FileSource(tmp_path / "nan.wav", block=1000)
-    with pytest.raises(AudioError, match="NaN/Inf samples from input frame 3000"):
+    with pytest.raises(AudioError, match=r"NaN/Inf samples \(first at frame 3000\)"):
         run(collect(source))
     assert source.stats.errors == 1
+
+
+def test_samples_far_beyond_full_scale_are_refused_where_they_enter(tmp_path):
+    """Finite but huge float samples (int16 values sent as float, 1e30 from a broken capture) are not audio:
+    refused by every decoder with a message that says what to do, before the model can see them."""
+    from streamwavlm.audio.mqtt_audio import decode_payload
+    from streamwavlm.audio.validate import decode_pcm, to_float_mono
+
+    int_as_float = (np.sin(np.arange(1600) / 5) * 20000).astype(np.float32)
+    with pytest.raises(AudioError, match="divide by 32768"):
+        to_float_mono(int_as_float, 16000)
+    with pytest.raises(AudioError, match=r"reach 1e\+30.*\[-1, 1\]"):
+        decode_pcm(np.full(64, 1e30, "<f4").tobytes(), "f32le", 1)
+    sf.write(tmp_path / "loud.wav", np.full(800, 1e30, np.float32), 16000, subtype="FLOAT")
+    with pytest.raises(AudioError, match="WAV chunk samples reach"):
+        decode_payload((tmp_path / "loud.wav").read_bytes())
+    with pytest.raises(AudioError, match="reach"):
+        run(collect(FileSource(tmp_path / "loud.wav")))
+    ok = np.full(800, 1.5, np.float32)  # a little over full scale (float overs) is still audio
+    assert to_float_mono(ok, 16000).abs().max() == 1.5
 
 
 # ---------------------------------------------------------------- WebSocket
@@ -478,7 +498,7 @@ BAD_INPUTS = {
     "odd_byte_count": ((_hello(channels=2), b"\x00" * 1000, b"\x00" * 6), "invalid_frame", 1007,
                        "6 bytes is not a whole number of 4-byte frames"),
     "nan_in_f32": ((_hello(fmt="f32le"), np.array([0.1, np.nan, 0.2], "<f4").tobytes()), "invalid_frame",
-                   1007, "1 NaN/Inf samples"),
+                   1007, "1 NaN/Inf f32le samples"),
     "oversized_frame": ((_hello(), b"\x00" * 4098), "frame_too_big", 1009,
                         "a frame of 4098 bytes exceeds the limit of 4096 bytes"),
     "text_after_hello": ((_hello(), "hello again"), "unexpected_text", 1008, "only binary audio frames"),
@@ -565,7 +585,7 @@ def test_websocket_client_helper_reports_refusals_and_server_side_close():
 
     async def main():
         async with ws_server(port=port) as server:
-            with pytest.raises(AudioError, match="invalid_frame: audio frame: 1 NaN/Inf samples"):
+            with pytest.raises(AudioError, match="invalid_frame: audio frame: 1 NaN/Inf f32le samples"):
                 await send_audio(url, bad, 16000, "inf")
             client = asyncio.create_task(send_audio(url, np.zeros((16000, 1), np.int16), 16000, "long",
                                                     realtime=True))

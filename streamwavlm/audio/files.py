@@ -22,7 +22,7 @@ import soundfile as sf
 
 from streamwavlm.audio.resample import Resampler, output_length, resample
 from streamwavlm.audio.source import AudioChunk, Blocker, SourceStats
-from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, mixdown
+from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, check_samples, mixdown
 
 ProgressCallback = Callable[[int, int], object]
 """Called with (input frames read so far, total input frames of the file)."""
@@ -46,7 +46,7 @@ def load_audio(path: str | Path, *, min_samples: int = 0) -> np.ndarray:
     with _open(path) as f:
         data = f.read(dtype="float32", always_2d=True)
         rate = f.samplerate
-    _check_finite(data, str(path), 0)
+    check_samples(data, str(path))
     samples = resample(mixdown(data), rate)
     if len(samples) < min_samples:
         raise AudioError(f"{path}: {len(samples)} samples at {SAMPLE_RATE} Hz ({len(samples) / SAMPLE_RATE * 1000:.0f}"
@@ -79,13 +79,6 @@ def audio_files(paths: list[str | Path]) -> list[tuple[Path, Path]]:
         else:
             raise AudioError(f"{given}: no such file or directory")
     return found
-
-
-def _check_finite(frames: np.ndarray, source: str, at: int) -> None:
-    if not np.isfinite(frames).all():
-        first = at + int(np.flatnonzero(~np.isfinite(frames).all(axis=1))[0])
-        raise AudioError(f"{source}: NaN/Inf samples from input frame {first} on; the file is corrupt. "
-                         "Re-export it or replace the bad samples.")
 
 
 class FileSource:
@@ -181,7 +174,7 @@ class FileSource:
             await self.close()
             return
         try:
-            _check_finite(frames, str(self.path), at)
+            check_samples(frames, str(self.path), offset=at)
         except AudioError as e:
             self._stats.error(str(e))
             await self.close()

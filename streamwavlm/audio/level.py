@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
-from streamwavlm.audio.source import AudioChunk, AudioSource, SourceStats
+from streamwavlm.audio.source import AudioChunk, AudioSource, SourceStats, refuse
 
 FLOOR_DB = -120.0
 METER = " ▁▂▃▄▅▆▇█"
@@ -53,3 +53,6 @@ class Metered:
 
     async def close(self) -> None:
         await self.source.close()
+
+    async def refuse(self, code: str, message: str) -> None:
+        await refuse(self.source, code, message)

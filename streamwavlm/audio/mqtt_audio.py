@@ -38,12 +38,17 @@ import soundfile as sf
 
 from streamwavlm.audio.resample import Resampler
 from streamwavlm.audio.source import STREAM_ID, SUPPORTED_RATES, AudioChunk, QueuedSource
-from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, decode_pcm, mixdown
+from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, check_samples, decode_pcm, mixdown
 from streamwavlm.mqtt.connection import Connection, Protocol, TLSOptions
 
 log = logging.getLogger(__name__)
 
 MAX_CHANNELS = 8
+MAX_PAYLOAD_BYTES = 1 << 20
+"""The default bound on one message: 32 s of raw 16 kHz s16le, or 5 s of 48 kHz stereo 16-bit WAV. Checked
+before anything is decoded, so an oversized payload costs only the bytes the MQTT client already read (a
+50 MB payload used to be decoded and resampled, growing the process by half a gigabyte)."""
+DELIVERED_MULTIPLE = 8
 
 
 def audio_topic(prefix: str, stream_id: str) -> str:
@@ -61,8 +66,16 @@ class Payload:
 
 
 def decode_payload(payload: bytes, *, source: str = "MQTT audio") -> Payload:
-    """Decode one non-empty audio message (raw s16le 16 kHz mono, or a WAV chunk)."""
+    """Decode one non-empty audio message (raw s16le 16 kHz mono, or a WAV chunk).
+
+    Text is refused rather than played as noise: JSON, a base64 string or a log line sent to the audio
+    topic by mistake would otherwise decode as loud positive samples (printable bytes pair into int16
+    values of 8224..32382) and be embedded as if it were speech.
+    """
     if payload[:4] != b"RIFF" or payload[8:12] != b"WAVE":
+        if _is_text(payload):
+            raise AudioError(f"{source}: the payload is text ({payload[:40]!r}{'...' if len(payload) > 40 else ''}"
+                             "), not audio; send raw s16le 16 kHz mono bytes or a WAV file per message")
         return Payload(decode_pcm(payload, "s16le", 1, source=f"{source} (raw s16le 16 kHz mono)"),
                        SAMPLE_RATE, False)
     try:
@@ -75,9 +88,18 @@ def decode_payload(payload: bytes, *, source: str = "MQTT audio") -> Payload:
                          f"{', '.join(map(str, SUPPORTED_RATES))} Hz")
     if frames.shape[1] > MAX_CHANNELS:
         raise AudioError(f"{source}: WAV chunk with {frames.shape[1]} channels; send 1 to {MAX_CHANNELS}")
-    if not np.isfinite(frames).all():
-        raise AudioError(f"{source}: NaN/Inf samples in a WAV chunk; the sender's capture is broken")
+    check_samples(frames, source, "WAV chunk samples")
     return Payload(frames, rate, True)
+
+
+def _is_text(payload: bytes) -> bool:
+    """Printable UTF-8 only (whitespace allowed). Real audio is not: silence and quiet samples are full of
+    bytes below 0x20, and 20 ms of audio is 640 bytes that would all have to be printable."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return len(payload) >= 2 and "".join(text.split()).isprintable()
 
 
 class MqttAudioStream(QueuedSource):
@@ -86,7 +108,8 @@ class MqttAudioStream(QueuedSource):
     def __init__(self, stream_id: str, rate: int, wav: bool, *, queue_size: int,
                  owner: MqttAudioInput) -> None:
         super().__init__(stream_id, rate, queue_size=queue_size, policy="drop_oldest",
-                         on_close=lambda: owner._consumer_closed(self))
+                         on_close=lambda: owner._consumer_closed(self),
+                         on_refuse=lambda code, message: owner._refused(self, code, message))
         self.wav = wav
         self.resampler = Resampler(rate)
 
@@ -100,13 +123,20 @@ class MqttAudioInput:
     def __init__(self, broker: str = "mqtt://127.0.0.1:1883", *, prefix: str = "streamwavlm", qos: int = 1,
                  queue_size: int = 64, max_pending: int = 16, identifier: str | None = None,
                  username: str | None = None, password: str | None = None, protocol: Protocol | None = None,
-                 tls: TLSOptions | None = None, timeout: float = 10.0, keepalive: int = 30) -> None:
+                 tls: TLSOptions | None = None, timeout: float = 10.0, keepalive: int = 30,
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        if max_payload_bytes < 2:
+            raise ValueError(f"max_payload_bytes must be at least 2 (one sample), got {max_payload_bytes}")
+        self.max_payload_bytes = max_payload_bytes
         # the same client path as the publisher and subscriber: TLS, credentials, protocol, TCP_NODELAY
         self._conn = Connection.create(broker, username=username, password=password, protocol=protocol, tls=tls,
                                        timeout=timeout, keepalive=keepalive)
         self.prefix, self.qos = prefix, qos
         self.queue_size = queue_size
-        self._client = self._conn.client(identifier or f"streamwavlm-audio-{uuid.uuid4().hex[:12]}")
+        # payloads up to DELIVERED_MULTIPLE x the limit arrive and are refused on the error topic, so a sender
+        # learns what is wrong; the broker drops larger ones unread (MQTT 5), so that memory stays flat
+        self._client = self._conn.client(identifier or f"streamwavlm-audio-{uuid.uuid4().hex[:12]}",
+                                         max_packet_size=DELIVERED_MULTIPLE * max_payload_bytes + 65536)
         self._streams: dict[str, MqttAudioStream] = {}
         self._ignored: set[str] = set()
         self._pending: asyncio.Queue[MqttAudioStream | None] = asyncio.Queue(max_pending)
@@ -180,6 +210,11 @@ class MqttAudioInput:
         if stream_id in self._ignored:
             return
         stream = self._streams.get(stream_id)
+        if len(payload) > self.max_payload_bytes:  # before decoding: its size alone is the refusal
+            await self._fail(stream_id, "payload_too_big", f"MQTT audio stream {stream_id!r}: a payload of "
+                             f"{len(payload)} bytes exceeds the limit of {self.max_payload_bytes} bytes; send "
+                             "20-100 ms of audio per message")
+            return
         try:
             decoded = decode_payload(payload, source=f"MQTT audio stream {stream_id!r}")
         except AudioError as e:
@@ -226,6 +261,13 @@ class MqttAudioInput:
         if len(tail):
             stream.queue.put_nowait(AudioChunk(stream_id, tail, start, time.monotonic()))
         stream.queue.finish()
+
+    async def _refused(self, stream: MqttAudioStream, code: str, message: str) -> None:
+        """The consumer refused or ended the stream with an error: tell the sender on the error topic and
+        ignore the topic until the sender ends the stream (an empty payload)."""
+        if self._streams.get(stream.stream_id) is stream:
+            await self._fail(stream.stream_id, code, message)
+            self._ignored.add(stream.stream_id)
 
     def _consumer_closed(self, stream: MqttAudioStream) -> None:
         if self._streams.get(stream.stream_id) is stream:

@@ -51,7 +51,9 @@ class SampleQueue:
         """The oldest ``n`` samples (a view when they lie in one piece)."""
         if n > self._len:
             raise ValueError(f"{n} samples asked for, {self._len} queued")
-        head, arrival = self._pieces[0] if self._pieces else (np.zeros(0, np.float32), 0.0)
+        if n == 0:
+            return np.zeros(0, np.float32)
+        head, arrival = self._pieces[0]
         if n <= len(head):
             out = head[:n]
             self._consume(n)
@@ -65,8 +67,7 @@ class SampleQueue:
                 self._consume(k)
                 filled += k
         self.taken += n
-        if n:
-            self.last_arrival = arrival
+        self.last_arrival = arrival
         return out
 
     def drop_oldest(self, n: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -185,15 +185,30 @@ class ChunkQueue:
         return chunk
 
 
+async def refuse(source: AudioSource, code: str, message: str) -> None:
+    """End ``source``, telling its sender why where it has one (network sources: ``server_busy``,
+    ``non_finite``, ...); other sources are simply closed."""
+    method = getattr(source, "refuse", None)
+    if method is not None:
+        await method(code, message)
+    else:
+        await source.close()
+
+
+RefuseCallback = Callable[[str, str], Awaitable[object]]
+"""Tells a network sender why its stream is refused or ended: ``(code, message)``."""
+
+
 class QueuedSource:
     """An :class:`AudioSource` fed by a network handler through a :class:`ChunkQueue`."""
 
     def __init__(self, stream_id: str, input_rate: int, *, queue_size: int, policy: OverflowPolicy,
-                 on_close: Callable[[], object] | None = None) -> None:
+                 on_close: Callable[[], object] | None = None, on_refuse: RefuseCallback | None = None) -> None:
         self.stream_id = stream_id
         self._stats = SourceStats(input_rate=input_rate)
         self.queue = ChunkQueue(queue_size, policy, self._stats)
         self._on_close = on_close
+        self._on_refuse = on_refuse
 
     @property
     def stats(self) -> SourceStats:
@@ -216,3 +231,12 @@ class QueuedSource:
             result = self._on_close()
             if asyncio.iscoroutine(result):
                 await result
+
+    async def refuse(self, code: str, message: str) -> None:
+        """End the stream with an error the sender is told about (``server_busy``, ``non_finite``, ...)."""
+        self._stats.error(message)
+        self.queue.finish()
+        if self._on_refuse is not None:
+            await self._on_refuse(code, message)
+        elif self._on_close is not None:
+            await self.close()

@@ -20,6 +20,28 @@ class AudioError(ValueError):
     """Audio that cannot be processed as given; the message says how to fix it."""
 
 
+MAX_AMPLITUDE = 1000.0
+"""Float samples beyond this magnitude are not audio (60 dB above full scale): integer PCM sent as float, or
+a broken capture. They are refused where they enter, before they can drive the model to NaN/Inf."""
+
+
+def check_samples(samples: np.ndarray, source: str, what: str = "samples", offset: int = 0) -> None:
+    """Refuse NaN/Inf and samples beyond :data:`MAX_AMPLITUDE` in ``(N,)`` or ``(N, C)`` samples, saying
+    where they are (frame index plus ``offset``) and what to do."""
+    finite = np.isfinite(samples)
+    if not finite.all():
+        flat = finite.reshape(len(samples), -1).all(axis=1) if samples.ndim else finite.reshape(1)
+        first = offset + int(np.flatnonzero(~flat)[0])
+        raise AudioError(f"{source}: {int((~finite).sum())} NaN/Inf {what} (first at frame {first}); the "
+                         "capture, file or decoder is broken. Nothing of it was processed; fix the source or "
+                         "replace the bad samples.")
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak > MAX_AMPLITUDE:
+        hint = " (it looks like 16-bit PCM sent as float: divide by 32768)" if peak <= 32768 else ""
+        raise AudioError(f"{source}: {what} reach {peak:.3g}; float audio must lie in [-1, 1] (at most "
+                         f"{MAX_AMPLITUDE:g} is accepted){hint}")
+
+
 def to_float_mono(samples: np.ndarray | Tensor, sample_rate: int, *, source: str = "audio") -> Tensor:
     """A float32 tensor ``(N,)`` from mono samples, after checking rate, shape, dtype and values.
 
@@ -41,10 +63,7 @@ def to_float_mono(samples: np.ndarray | Tensor, sample_rate: int, *, source: str
         arr = arr.astype(np.float32, copy=False)
     else:
         raise AudioError(f"{source}: sample dtype {arr.dtype} is not supported; use float32 or int16 PCM")
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
-        raise AudioError(f"{source}: {bad} NaN/Inf samples; the capture or decoder is broken. Nothing was "
-                         "processed; fix the source or replace the bad samples.")
+    check_samples(arr, source)
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
@@ -85,8 +104,5 @@ def decode_pcm(data: bytes, fmt: str, channels: int, *, source: str = "audio") -
     raw = np.frombuffer(data, dtype=dtype).reshape(-1, channels)
     if fmt == "s16le":
         return raw.astype(np.float32) * np.float32(1.0 / 32768.0)
-    if not np.isfinite(raw).all():
-        bad = int((~np.isfinite(raw)).sum())
-        raise AudioError(f"{source}: {bad} NaN/Inf samples in f32le data; the sender's capture or conversion "
-                         "is broken. Send finite samples in [-1, 1].")
+    check_samples(raw, source, "f32le samples")
     return raw.astype(np.float32)

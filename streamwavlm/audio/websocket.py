@@ -23,9 +23,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,10 +35,18 @@ import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidHandshake
 
+from streamwavlm.audio.guard import AccessLimits, Admission, Denied, Ticket
 from streamwavlm.audio.resample import Resampler
-from streamwavlm.audio.source import STREAM_ID, SUPPORTED_RATES, AudioChunk, OverflowPolicy, QueuedSource
+from streamwavlm.audio.source import (
+    STREAM_ID,
+    SUPPORTED_RATES,
+    AudioChunk,
+    OverflowPolicy,
+    QueuedSource,
+    RefuseCallback,
+)
 from streamwavlm.audio.validate import PCM_FORMATS, SAMPLE_RATE, AudioError, decode_pcm, mixdown
 
 log = logging.getLogger(__name__)
@@ -70,6 +79,8 @@ class Hello:
     sample_rate: int
     format: str
     channels: int
+    live: bool = False  # true: a real-time sender that cannot wait (overload policy); false: back-pressure
+    token: str | None = field(default=None, repr=False, compare=False)  # checked against AccessLimits.token
 
 
 HELLO_EXAMPLE = '{"stream_id": "mic-1", "sample_rate": 16000, "format": "s16le", "channels": 1}'
@@ -109,7 +120,15 @@ def parse_hello(message: str | bytes) -> Hello:
     if not _is_int(channels) or not 1 <= channels <= MAX_CHANNELS:
         raise Refusal("unsupported_channels", f"channels {channels!r} is not supported; send 1 to "
                       f"{MAX_CHANNELS} interleaved channels (they are mixed down to mono)", CLOSE_UNSUPPORTED)
-    return Hello(stream_id, rate, fmt, channels)
+    live = hello.get("live", False)
+    if not isinstance(live, bool):
+        raise Refusal("invalid_hello", f"live {live!r} must be true (a real-time sender: the server drops the "
+                      "oldest audio when it falls behind) or false (the default: it slows the sender down)",
+                      CLOSE_POLICY)
+    token = hello.get("token")
+    if token is not None and not isinstance(token, str):
+        raise Refusal("invalid_hello", "token must be a string", CLOSE_POLICY)
+    return Hello(stream_id, rate, fmt, channels, live, token)
 
 
 def _is_int(value: Any) -> bool:
@@ -123,9 +142,9 @@ class WebSocketStream(QueuedSource):
     """
 
     def __init__(self, hello: Hello, *, queue_size: int, policy: OverflowPolicy,
-                 on_close: Callable[[], Awaitable[None]]) -> None:
+                 on_close: Callable[[], Awaitable[None]], on_refuse: RefuseCallback) -> None:
         super().__init__(hello.stream_id, hello.sample_rate, queue_size=queue_size, policy=policy,
-                         on_close=on_close)
+                         on_close=on_close, on_refuse=on_refuse)
         self.hello = hello
 
 
@@ -135,13 +154,16 @@ class WebSocketAudioServer:
     ``port=0`` picks a free port (see :attr:`port`). ``max_frame_bytes`` bounds one binary frame; frames up
     to 4x that size are refused with a JSON error, larger ones are cut off by the WebSocket layer itself
     (close code 1009, no JSON). ``max_pending`` streams may wait to be taken by ``streams()``; further
-    clients are refused with ``server_busy`` (1013).
+    clients are refused with ``server_busy`` (1013). ``limits`` are the admission rules (token, streams per
+    client, connection rate, connections without a hello yet, idle timeout): see :mod:`.guard`.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_frame_bytes: int = 256 * 1024,
                  queue_size: int = 64, policy: OverflowPolicy = "block", hello_timeout: float = 5.0,
-                 max_pending: int = 16) -> None:
+                 max_pending: int = 16, limits: AccessLimits | None = None) -> None:
         self.host, self._port = host, port
+        self.limits = limits or AccessLimits()
+        self._admission = Admission(self.limits)
         self.max_frame_bytes, self.queue_size, self.policy = max_frame_bytes, queue_size, policy
         self.hello_timeout = hello_timeout
         self._pending: asyncio.Queue[WebSocketStream | None] = asyncio.Queue(max_pending)
@@ -161,8 +183,10 @@ class WebSocketAudioServer:
         return f"ws://{self.host}:{self.port}/"
 
     async def start(self) -> None:
-        self._server = await serve(self._handle, self.host, self._port, max_size=4 * self.max_frame_bytes,
-                                   compression=None)
+        # open_timeout bounds the HTTP upgrade itself (a client that connects and sends nothing), before any
+        # of our rules can run; its handshake errors are logged in one line (see _HandshakeLog)
+        self._server = await serve(self._admit, self.host, self._port, max_size=4 * self.max_frame_bytes,
+                                   compression=None, open_timeout=self.hello_timeout, logger=_HANDSHAKE_LOG)
 
     async def close(self) -> None:
         """Stop accepting; open connections are closed (1001) and their streams end."""
@@ -189,11 +213,32 @@ class WebSocketAudioServer:
                 return
             yield stream
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _admit(self, ws: ServerConnection) -> None:
+        """The admission rules first (connection rate, streams per client, connections without a hello), then
+        the connection itself; whatever happens, its counts are released when it ends."""
+        peer = ws.remote_address
+        try:
+            ticket = self._admission.admit(str(peer[0]) if peer else "unknown")
+        except Denied as d:
+            log.warning("refused %s: %s", peer, d.message)
+            await _refuse(ws, Refusal(d.code, d.message, CLOSE_TRY_AGAIN))
+            return
+        try:
+            await self._handle(ws, ticket)
+        finally:
+            ticket.leave()
+
+    async def _handle(self, ws: ServerConnection, ticket: Ticket) -> None:
         """One connection: hello, then frames until the end, a refusal, or the connection's loss."""
         peer = ws.remote_address
         try:
             hello = parse_hello(await asyncio.wait_for(ws.recv(), self.hello_timeout))
+            try:
+                self._admission.authenticate(ws.request.headers.get("Authorization") if ws.request else None,
+                                             hello.token)
+            except Denied as d:
+                raise Refusal(d.code, d.message, CLOSE_POLICY) from None
+            ticket.ready()
             if hello.stream_id in self._active:
                 raise Refusal("stream_id_in_use", f"stream_id {hello.stream_id!r} is already streaming; "
                               "choose another id or wait until that stream ends", CLOSE_POLICY)
@@ -201,6 +246,7 @@ class WebSocketAudioServer:
                 raise Refusal("server_closing", "the server is shutting down; try again later",
                               CLOSE_TRY_AGAIN)
         except asyncio.TimeoutError:
+            log.warning("refused %s: no hello within %g s", peer, self.hello_timeout)
             await _refuse(ws, Refusal("hello_timeout", f"no hello within {self.hello_timeout:g} s; the first "
                                       f"message must be the JSON text hello {HELLO_EXAMPLE}", CLOSE_POLICY))
             return
@@ -212,7 +258,8 @@ class WebSocketAudioServer:
             log.info("%s left before its hello", peer)
             return
         stream = WebSocketStream(hello, queue_size=self.queue_size, policy=self.policy,
-                                 on_close=lambda: ws.close(CLOSE_NORMAL, "closed by the server"))
+                                 on_close=lambda: ws.close(CLOSE_NORMAL, "closed by the server"),
+                                 on_refuse=lambda code, message: _refuse(ws, Refusal(code, message, CLOSE_TRY_AGAIN)))
         try:
             self._pending.put_nowait(stream)
         except asyncio.QueueFull:
@@ -239,7 +286,13 @@ class WebSocketAudioServer:
         try:
             await ws.send(json.dumps({"type": "ready", "stream_id": hello.stream_id,
                                       "output_rate": SAMPLE_RATE, "max_frame_bytes": self.max_frame_bytes}))
-            async for message in ws:
+            while True:
+                try:
+                    message = await asyncio.wait_for(ws.recv(), self.limits.idle_timeout)
+                except asyncio.TimeoutError:
+                    raise Refusal("idle_timeout", f"nothing received for {self.limits.idle_timeout:g} s; the stream "
+                                  'is closed. Send audio continuously and {"type": "end"} when done',
+                                  CLOSE_POLICY) from None
                 if isinstance(message, str):
                     if _is_end(message):
                         start = resampler.output_index
@@ -262,7 +315,6 @@ class WebSocketAudioServer:
                 stats.samples_in += len(frames)
                 start = resampler.output_index
                 await put(resampler.process(mixdown(frames)), start)
-            # closed by the client without "end": a normal end of stream as well
         except Refusal as r:
             stats.error(r.message)
             log.warning("%s: %s", source, r.message)
@@ -270,7 +322,7 @@ class WebSocketAudioServer:
         except ConnectionClosedError as e:
             stats.error(f"connection lost mid-stream ({e}); the audio received until then was kept")
             log.warning("%s: %s", source, stats.last_error)
-        except ConnectionClosed:  # a normal close at an unusual moment: the end of the stream
+        except ConnectionClosed:  # closed by the client without "end": a normal end of stream as well
             pass
         except Exception as e:  # a bug of ours must not take other streams down
             stats.error(f"internal error: {e!r}")
@@ -278,6 +330,22 @@ class WebSocketAudioServer:
             await _refuse(ws, Refusal("internal_error", f"internal server error: {e!r}", CLOSE_INTERNAL))
         start = resampler.output_index
         await put(resampler.flush(), start)
+
+
+class _HandshakeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The websockets server's logger, minus tracebacks for what the network does: a port scanner, a plain
+    HTTP request or a client that hangs up mid-handshake is routine on a public port and gets one warning
+    line with the reason, not a stack. Anything else (a bug) keeps its traceback."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        error = sys.exc_info()[1] if kwargs.get("exc_info") is True else kwargs.get("exc_info")
+        if isinstance(error, (InvalidHandshake, OSError, EOFError)):
+            del kwargs["exc_info"]
+            msg, level = f"{msg}: {error!r}", min(level, logging.WARNING)
+        super().log(level, msg, *args, **kwargs)
+
+
+_HANDSHAKE_LOG = _HandshakeLog(logging.getLogger(f"{__name__}.handshake"))
 
 
 def _is_end(message: str) -> bool:
@@ -296,11 +364,12 @@ async def _refuse(ws: ServerConnection, refusal: Refusal) -> None:
 
 async def send_audio(url: str, frames: np.ndarray, sample_rate: int, stream_id: str, *,
                      frame_samples: int | None = None, realtime: bool = False,
-                     open_timeout: float = 10.0) -> dict[str, Any]:
+                     open_timeout: float = 10.0, token: str | None = None) -> dict[str, Any]:
     """Stream ``frames`` (``(N, channels)`` int16 -> s16le, float32 -> f32le) to a server; return its
     ``done`` message. Raises :class:`AudioError` with the server's message if it refuses the stream.
 
-    ``frame_samples`` defaults to 20 ms; ``realtime`` paces the frames at the audio's own speed.
+    ``frame_samples`` defaults to 20 ms; ``realtime`` paces the frames at the audio's own speed; ``token`` is
+    sent as ``Authorization: Bearer <token>`` to a server that requires one.
     """
     frames = frames.reshape(len(frames), -1)
     fmt = {np.dtype(np.int16): "s16le", np.dtype(np.float32): "f32le"}.get(frames.dtype)
@@ -309,7 +378,9 @@ async def send_audio(url: str, frames: np.ndarray, sample_rate: int, stream_id: 
     data = frames.astype(PCM_FORMATS[fmt], copy=False)
     step = frame_samples or max(1, sample_rate // 50)
     hello = {"stream_id": stream_id, "sample_rate": sample_rate, "format": fmt, "channels": frames.shape[1]}
-    async with connect(url, open_timeout=open_timeout, max_size=None, compression=None) as ws:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+    async with connect(url, open_timeout=open_timeout, max_size=None, compression=None,
+                       additional_headers=headers) as ws:
         try:
             await ws.send(json.dumps(hello))
             _expect(await ws.recv(), "ready", stream_id)
@@ -329,13 +400,15 @@ async def send_audio(url: str, frames: np.ndarray, sample_rate: int, stream_id: 
 
 
 async def send_file(url: str, path: str | Path, stream_id: str, *, format: str = "s16le",
-                    frame_samples: int | None = None, realtime: bool = False) -> dict[str, Any]:
+                    frame_samples: int | None = None, realtime: bool = False,
+                    token: str | None = None) -> dict[str, Any]:
     """Stream a sound file at its own rate and channel count (``format`` s16le or f32le); see
     :func:`send_audio`."""
     if format not in PCM_FORMATS:
         raise AudioError(f"format {format!r} is not supported; use one of {sorted(PCM_FORMATS)}")
     data, rate = sf.read(str(path), dtype="int16" if format == "s16le" else "float32", always_2d=True)
-    return await send_audio(url, data, rate, stream_id, frame_samples=frame_samples, realtime=realtime)
+    return await send_audio(url, data, rate, stream_id, frame_samples=frame_samples, realtime=realtime,
+                            token=token)
 
 
 def _expect(message: str | bytes, kind: str, stream_id: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -19,13 +20,14 @@ from rich.console import Console
 
 from ..audio.files import FileSource, audio_length
 from ..audio.level import Metered, meter
+from ..audio.source import refuse
 from ..checkpoint import model_from_setting
 from ..embedding import resolve_device
 from ..engine import Engine
 from ..file_sink import FileSink
 from ..mqtt import EmbeddedBroker, EmbeddingMessage, Gap, Publisher, subscribe
 from ..mqtt.sink import MqttSink
-from ..streaming import StreamPool, XVectorSettings
+from ..streaming import PoolFull, StreamPool, XVectorSettings
 from .common import (
     add_checkpoint_option,
     add_device_option,
@@ -65,9 +67,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-backlog", type=float, default=2.0, help="seconds of queued audio per stream before "
                    "the overload policy applies (default: %(default)s)")
     p.add_argument("--overload", choices=("drop_oldest", "shed"), default="drop_oldest")
+    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S", help="end a stream that sent no "
+                   "audio for S seconds and free its slot (network inputs; default: %(default)s)")
+    p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
+                   help="publish every stream's live status every S seconds (default: %(default)s)")
     p.add_argument("--listen", action="store_true", help="also subscribe and print what arrives, with the input "
                    "level")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (live inputs)")
+    p.add_argument("--ws-token", default=os.environ.get("STREAMWAVLM_WS_TOKEN"), metavar="TOKEN",
+                   help="WebSocket input: clients must send 'Authorization: Bearer TOKEN' or \"token\" in their "
+                        "hello (default: $STREAMWAVLM_WS_TOKEN; unset: no authentication, see docs/security.md)")
     p.set_defaults(func=lambda args: asyncio.run(stream(args)))
 
 
@@ -83,13 +92,15 @@ def _stop_on_sigint(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> boo
 async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[object, str, bool]]:
     """Yield (source, stream id, live) for the input spec; network inputs yield one per client."""
     if spec.startswith("ws://"):
+        from ..audio.guard import AccessLimits
         from ..audio.websocket import WebSocketAudioServer
 
         u = urlparse(spec)
-        async with WebSocketAudioServer(u.hostname or "127.0.0.1", u.port or 8765) as server:
+        async with WebSocketAudioServer(u.hostname or "127.0.0.1", u.port or 8765,
+                                        limits=AccessLimits(token=args.ws_token)) as server:
             print(f"accepting audio streams on {server.url}", flush=True)
-            async for s in server.streams():
-                yield s, s.stream_id, True
+            async for s in server.streams():  # a sender that can wait gets back-pressure, not drops
+                yield s, s.stream_id, s.hello.live
     elif spec.startswith("mqtt://"):
         from ..audio.mqtt_audio import MqttAudioInput
 
@@ -170,7 +181,8 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
         pool = StreamPool(model, settings, capacity=args.capacity)
         engine = await stack.enter_async_context(
             Engine(pool, sinks, max_backlog=args.max_backlog, policy=args.overload,
-                   on_status=mqtt_sink.status if mqtt_sink else None))
+                   on_status=mqtt_sink.status if mqtt_sink else None, idle_timeout=args.idle_timeout,
+                   status_interval=args.status_interval))
         target = (f"{broker} under '{args.prefix}/<stream>/embeddings'" if publish else "no broker")
         target += f", saved to {saver.path}" if saver else ""
         console.print(f"[bold]streaming[/]: {spec} -> {target}; "
@@ -181,7 +193,10 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
             async for source, stream_id, live in _sources(spec, args):
                 if args.listen:
                     source = Metered(source, levels.__setitem__)  # type: ignore[arg-type]
-                engine.add(source, stream_id, live=live)  # type: ignore[arg-type]
+                try:
+                    engine.add(source, stream_id, live=live)  # type: ignore[arg-type]
+                except PoolFull as e:  # the newcomer is told; the streams already running are untouched
+                    await refuse(source, "server_busy", str(e))  # type: ignore[arg-type]
 
         acceptor = asyncio.create_task(accept())
         network = spec.startswith(("ws://", "mqtt://"))

@@ -30,14 +30,15 @@ class MqttSink:
     async def __call__(self, out: EngineOutput) -> None:
         chunk = out.chunk
         arrival = out.wall_time - out.latency  # when the chunk's last input sample arrived
+        # frame indices are stream time: where the engine dropped audio they jump, so subscribers see the loss
         if chunk.num_frames:
             self.publisher.publish(EmbeddingMessage(
-                chunk.stream_id, EMBEDDINGS, self._next(chunk.stream_id, EMBEDDINGS), chunk.first_frame,
+                chunk.stream_id, EMBEDDINGS, self._next(chunk.stream_id, EMBEDDINGS), out.stream_frame,
                 self.frame_rate, arrival, self.model_id, chunk.layers, chunk.frames.numpy().astype(self.dtype)))
         for end, vector in chunk.xvectors:
             self.publisher.publish(EmbeddingMessage(
-                chunk.stream_id, XVECTOR, self._next(chunk.stream_id, XVECTOR), end, self.frame_rate, arrival,
-                self.model_id, (), vector.numpy().astype(self.dtype)))
+                chunk.stream_id, XVECTOR, self._next(chunk.stream_id, XVECTOR), end + out.frame_offset,
+                self.frame_rate, arrival, self.model_id, (), vector.numpy().astype(self.dtype)))
 
     def status(self, st: StreamStatus) -> None:
         """Publish a stream's engine counters (retained), offline once the stream has ended."""

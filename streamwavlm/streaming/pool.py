@@ -38,6 +38,10 @@ from .state import FrontState, KVRings, StreamProgress, StreamState, StreamTenso
 Samples = np.ndarray | Tensor
 
 
+class PoolFull(RuntimeError):
+    """Every slot of the pool holds a stream: a new one must wait or be refused (nothing else changed)."""
+
+
 @dataclass
 class ChunkOutput:
     """Encoder frames of one stream from one step, as soon as they are final."""
@@ -111,7 +115,8 @@ class StreamPool:
                 self._streams[i] = StreamProgress(stream_id)
                 self._state.clear(self._rows([i]))
                 return i
-        raise RuntimeError(f"the pool is full ({self.capacity} streams); close one or use a larger capacity")
+        raise PoolFull(f"the engine is at its capacity of {self.capacity} streams; try again when one ends "
+                       "(or run it with a larger --capacity)")
 
     def slot_of(self, stream_id: str) -> int:
         slot = self.streams.get(stream_id)
