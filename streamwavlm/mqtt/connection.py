@@ -134,15 +134,20 @@ class Connection:
         return self.protocol == "5"
 
     def client(self, identifier: str, *, will: aiomqtt.Will | None = None, session_expiry: int | None = None,
-               queue_size: int | None = None) -> aiomqtt.Client:
+               queue_size: int | None = None, max_packet_size: int | None = None) -> aiomqtt.Client:
         """A new client. ``session_expiry`` (seconds) asks for a persistent session: the broker keeps the
         subscriptions and queues QoS 1 messages while we are away (clean_session=False on 3.1.1).
-        ``queue_size`` bounds aiomqtt's incoming queue (it discards beyond it)."""
+        ``queue_size`` bounds aiomqtt's incoming queue (it discards beyond it). ``max_packet_size`` (MQTT 5
+        only) asks the broker not to deliver larger packets at all: the client would read a whole packet into
+        memory before anyone could look at its size."""
         persistent = session_expiry is not None
         properties = None
-        if self.v5 and persistent:
+        if self.v5 and (persistent or max_packet_size is not None):
             properties = Properties(PacketTypes.CONNECT)
-            properties.SessionExpiryInterval = session_expiry
+            if persistent:
+                properties.SessionExpiryInterval = session_expiry
+            if max_packet_size is not None:
+                properties.MaximumPacketSize = max_packet_size
         # paho refuses clean_session on v5 and anything but its default clean_start on 3.1.1
         session: dict[str, Any] = (
             {"clean_start": not persistent} if self.v5 else {"clean_session": not persistent})
