@@ -159,8 +159,8 @@ class OnlineClustering:
 
     def _merge_into_older(self, speaker: int) -> None:
         for other in self._live():
-            if other == speaker:
-                continue
+            if other == speaker or (self.speakers[other].enrolled and self.speakers[speaker].enrolled):
+                continue  # two enrolled people stay two, however alike their voices
             if float(self.speakers[other].centroid @ self.speakers[speaker].centroid) < self.settings.merge_threshold:
                 continue
             keep, gone = sorted((other, speaker))
