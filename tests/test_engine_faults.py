@@ -318,3 +318,25 @@ def test_mqtt_audio_capacity_and_idle_senders(hf_models, model, speech, mosquitt
     assert len(live) >= 2 and live[-1].info["samples_in"] == len(pcm)  # live counters while it was open
     assert embeddings["after"] == model.cfg.num_frames(len(pcm)) and statuses["after"][-1].info["error"] is None
     assert "newcomer" not in embeddings
+
+
+def test_a_sink_failing_for_one_stream_ends_that_stream_only(model, speech):
+    wav = speech.numpy()[:16000]
+    got, sink = collect()
+    ended: dict[str, tuple[str, str | None]] = {}
+
+    async def picky(out) -> None:
+        if out.stream_id == "unlucky" and out.chunk.first_frame >= 8:
+            raise OSError("disk full")
+
+    async def main() -> None:
+        async with Engine(StreamPool(model, SETTINGS, capacity=2), [picky, sink],
+                          on_status=lambda st: ended.update({st.stream_id: (st.state, st.error)})) as engine:
+            engine.add(ListSource("unlucky", split(wav, 800), pace=10), "unlucky")
+            engine.add(ListSource("fine", split(wav, 800), pace=10), "fine")
+            await engine.drain()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    assert ended["unlucky"][0] == "failed" and "disk full" in ended["unlucky"][1]
+    assert ended["fine"] == ("closed", None)
+    assert (frames_of(got["fine"]) - solo_frames(model, wav)).abs().max() < 1e-5
