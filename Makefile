@@ -1,7 +1,7 @@
 # Every target sets itself up first (idempotent): system packages, .venv, torch CPU wheel, the project.
 PY := .venv/bin/python
 
-.PHONY: setup run test test-heavy lint bench clean
+.PHONY: setup run test test-heavy lint bench eval-diarization clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,6 +24,11 @@ bench: setup
 	@$(PY) benchmarks/bench_streaming.py --out benchmarks/results/streaming.md
 	@$(PY) benchmarks/bench_mqtt.py --out benchmarks/results/mqtt.md
 	@$(PY) benchmarks/bench_resample.py --out benchmarks/results/resample.md
+
+# online diarization: clustering vs the diart-style baseline, DER per latency on espeak-ng conversations
+# (resemblyzer), cost added to the engine (about 15 minutes; results in docs/benchmarks.md)
+eval-diarization: setup
+	@$(PY) benchmarks/bench_diarization.py --out benchmarks/results/diarization.md
 
 clean:
 	rm -rf .venv out .pytest_cache .ruff_cache
