@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from .audio.validate import AudioError
 from .checkpoint import CheckpointError
+from .commands.signals import guarded
 from .config import ConfigError
+from .mqtt.broker import BrokerError
 
 # modules that define ``add_parser(subparsers)``; each parser sets ``func(args) -> int``
 COMMAND_MODULES = (
@@ -19,31 +22,59 @@ COMMAND_MODULES = (
     "streamwavlm.commands.convert",
     "streamwavlm.commands.fidelity",
     "streamwavlm.commands.listen",
+    "streamwavlm.commands.diarize",
+    "streamwavlm.commands.enroll",
+    "streamwavlm.commands.der",
     "streamwavlm.download",
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: what was wrong, and where the options are described (argparse
+    would print the whole usage first). Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="streamwavlm", description="Streaming, real-time WavLM audio embeddings."
-    )
+    parser = Parser(prog="streamwavlm", description="Streaming, real-time WavLM audio embeddings.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
+# what a user's mistake or environment raises (a bad file, setting or broker): one line on stderr, exit 2.
+# OSError covers unreadable and unwritable paths, and BrokerUnavailable (a ConnectionError).
+USER_ERRORS = (CheckpointError, ConfigError, AudioError, ValueError, BrokerError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error is one line on stderr and exit 2, never a traceback; Ctrl-C or SIGTERM
+    ends any command within 2 s (exit 130/143, or 0 where the command stops cleanly, like ``stream``)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (CheckpointError, ConfigError, AudioError, ValueError) as e:
-        print(f"streamwavlm {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    prog = f"streamwavlm {args.command}"
+    with guarded(prog):
+        try:
+            return int(args.func(args) or 0)
+        except USER_ERRORS as e:
+            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line; a file-system error names the path and the usual fix."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror.lower()}; check the path and its permissions"
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

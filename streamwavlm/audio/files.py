@@ -29,6 +29,8 @@ ProgressCallback = Callable[[int, int], object]
 
 
 def _open(path: str | Path) -> sf.SoundFile:
+    if not Path(path).exists():  # libsndfile would only say "System error"
+        raise AudioError(f"{path}: no such file; check the path")
     try:
         return sf.SoundFile(str(path))
     except (RuntimeError, sf.LibsndfileError) as e:

@@ -127,6 +127,7 @@ class MicrophoneSource:
         self._device_overflows = 0
         self._ended = False
         self._closing = False
+        self._lost: str | None = None  # why the device stopped by itself, raised once the buffer is read
 
     @property
     def stats(self) -> SourceStats:
@@ -194,15 +195,22 @@ class MicrophoneSource:
     def _finished(self) -> None:
         """PortAudio stopped the stream (by close(), or by itself, e.g. the device went away)."""
         if not self._closing:
-            self._stats.error("the input stream stopped by itself (device removed or host error)")
+            self._lost = ("microphone lost: the input stream stopped by itself (device removed, or the sound "
+                          "server ended); check the device (demos/live_mic.py --list-devices) and start again")
+            self._stats.error(self._lost)
         self._ring.close()  # type: ignore[union-attr]
 
     def __aiter__(self) -> MicrophoneSource:
         return self
 
     async def __anext__(self) -> AudioChunk:
+        """The next chunk; at the end, an :class:`AudioError` instead of the plain end if the device stopped
+        by itself, so that a lost microphone ends the stream as failed rather than as finished."""
         while not self._ready:
             if self._ended:
+                lost, self._lost = self._lost, None
+                if lost is not None:
+                    raise AudioError(lost)
                 raise StopAsyncIteration
             await self._fill()
         chunk = self._ready.popleft()

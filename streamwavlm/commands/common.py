@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import socket
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from ..config import WavLMConfig
+from ..mqtt.connection import BrokerUnavailable, parse_broker_url
 from ..streaming import NormPolicy, StreamSettings
 
 
@@ -53,6 +57,42 @@ def precision_line(model: torch.nn.Module) -> str:
     from ..precision import precision_of, report
 
     return f"[bold]precision[/]: {report(precision_of(model))}"
+
+
+N = TypeVar("N", int, float)
+ONE_FRAME = WavLMConfig().receptive_field  # samples of the shortest input that makes a frame, in every WavLM
+
+
+def positive(kind: Callable[[str], N]) -> Callable[[str], N]:
+    """An argparse type for a number that must be > 0 (a capacity, a backlog, a duration): 0 or less is
+    refused when the arguments are read, before anything loads, rather than hanging or failing later."""
+    def parse(text: str) -> N:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def check_reachable(url: str, timeout: float = 2.0) -> None:
+    """Fail at once, in one line, when nothing listens at a broker URL (connection refused) or its host
+    does not resolve; the MQTT connect that follows would retry those for its whole connect timeout. A
+    host that does not answer at all is left to that connect and its timeout."""
+    address = parse_broker_url(url)
+    try:
+        with socket.create_connection((address.host, address.port), timeout=timeout):
+            pass
+    except (ConnectionRefusedError, socket.gaierror) as e:
+        raise BrokerUnavailable(
+            f"cannot connect to MQTT broker {address.display}: {e.strerror or e} (is a broker running there? "
+            f"start one with `mosquitto -p {address.port}`, or check the host and port)") from None
+    except OSError:  # a timeout or an unreachable network: the MQTT connect decides, with its timeout
+        pass
 
 
 def bundled_sample() -> Path:

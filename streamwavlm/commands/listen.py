@@ -16,6 +16,7 @@ from ..mqtt.connection import BrokerUnavailable
 from ..mqtt.message import EmbeddingMessage, Gap
 from ..mqtt.subscriber import Item, subscribe
 from ..mqtt.wire import WireError, encode_json, encode_status
+from .common import check_reachable, positive
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
@@ -32,10 +33,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--protocol", choices=("5", "3.1.1"), help="MQTT version (default: the URL's, else 5)")
     p.add_argument("--json", action="store_true",
                    help="print each message in the JSON form of docs/mqtt.md (with its data)")
-    p.add_argument("--count", type=int, metavar="N", help="exit after N embedding messages")
-    p.add_argument("--timeout", type=float, metavar="S", help="exit after S seconds")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+    p.add_argument("--count", type=positive(int), metavar="N", help="exit after N embedding messages")
+    p.add_argument("--timeout", type=positive(float), metavar="S", help="exit after S seconds")
+    p.add_argument("--connect-timeout", type=positive(float), default=10.0, metavar="S",
                    help="give up if the broker cannot be reached within S seconds (default: %(default)s)")
+    p.add_argument("--session", metavar="ID", help="persistent session under this client id: the broker keeps "
+                   "the subscription and queues QoS 1 messages while we are away (a restart of this command, a "
+                   "lost connection, a broker restart with persistence), so nothing is lost; one ID per listener")
+    p.add_argument("--session-expiry", type=positive(int), default=3600, metavar="S",
+                   help="with --session: how long the broker keeps the session while we are away "
+                        "(default: %(default)s)")
     p.set_defaults(func=listen)
 
 
@@ -54,13 +61,20 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     def on_error(topic: str, error: WireError) -> None:
         print(f"streamwavlm listen: skipped a malformed payload: {error}", file=sys.stderr)
 
-    items = subscribe(args.broker, args.prefix, args.stream, args.kinds or ("embeddings", "xvector"),
-                      protocol=args.protocol, on_error=on_error, connect_timeout=args.connect_timeout)
+    subscribed = asyncio.Event()
     try:
+        check_reachable(args.broker)  # nothing listening there: say so now, not after --connect-timeout
+        items = subscribe(args.broker, args.prefix, args.stream, args.kinds or ("embeddings", "xvector"),
+                          protocol=args.protocol, on_error=on_error, connect_timeout=args.connect_timeout,
+                          qos=1, session=args.session, session_expiry=args.session_expiry,
+                          on_subscribed=subscribed.set)
         async with contextlib.aclosing(items):
             await asyncio.wait_for(_print_items(items, args, out), args.timeout)
     except asyncio.TimeoutError:
-        pass
+        if not subscribed.is_set():  # --timeout ran out before the broker ever answered
+            print(f"streamwavlm listen: error: no connection to MQTT broker {args.broker} within --timeout "
+                  f"{args.timeout:g} s; check that a broker runs there", file=sys.stderr)
+            return 2
     except (BrokerUnavailable, ValueError) as e:  # ValueError: a bad URL, prefix or kind
         print(f"streamwavlm listen: error: {e}", file=sys.stderr)
         return 2

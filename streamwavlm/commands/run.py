@@ -24,6 +24,7 @@ from ..embedding import resolve_device
 from ..progress import Bar
 from ..streaming import StreamPool
 from .common import (
+    ONE_FRAME,
     add_checkpoint_option,
     add_device_option,
     add_dtype_option,
@@ -51,12 +52,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     console = Console()
     device = resolve_device(args.device)
+    audio = args.audio or str(bundled_sample())
+    # the audio first: a bad file is said at once, not after the model has loaded (seconds)
+    wav = torch.from_numpy(load_audio(audio, min_samples=ONE_FRAME))
     model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
     model = model.to(device)
     cfg = model.cfg
     settings = settings_from_args(args, cfg)
-    audio = args.audio or str(bundled_sample())
-    wav = torch.from_numpy(load_audio(audio, min_samples=cfg.receptive_field))
     seconds = wav.numel() / SAMPLE_RATE
     console.print(f"[bold]model[/]: {description}")
     console.print(precision_line(model))

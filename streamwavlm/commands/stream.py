@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.console import Console
 from ..audio.files import FileSource, audio_length
 from ..audio.level import Metered, meter
 from ..audio.source import refuse
+from ..audio.validate import AudioError
 from ..checkpoint import model_from_setting
 from ..embedding import resolve_device
 from ..engine import Engine
@@ -29,15 +29,19 @@ from ..mqtt import EmbeddedBroker, EmbeddingMessage, Gap, Publisher, subscribe
 from ..mqtt.sink import MqttSink
 from ..streaming import PoolFull, StreamPool, XVectorSettings
 from .common import (
+    ONE_FRAME,
     add_checkpoint_option,
     add_device_option,
     add_dtype_option,
     add_stream_options,
     bundled_sample,
+    check_reachable,
     cpu_dtype,
+    positive,
     precision_line,
     settings_from_args,
 )
+from .signals import on_forced_exit, stop_event
 
 AUDIO_PREFIX = "streamwavlm-audio"
 
@@ -60,11 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dtype_option(p)
     p.add_argument("--payload-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of the published vectors (default: %(default)s)")
-    p.add_argument("--xvector", metavar="WINDOW,HOP", help="publish x-vectors over WINDOW frames every HOP "
-                   "frames (needs a speaker-head checkpoint)")
+    p.add_argument("--xvector", type=window_hop, metavar="WINDOW,HOP", help="publish x-vectors over WINDOW "
+                   "frames every HOP frames (needs a speaker-head checkpoint)")
     p.add_argument("--realtime", action="store_true", help="pace file input in real time")
-    p.add_argument("--capacity", type=int, default=16, help="most concurrent streams (default: %(default)s)")
-    p.add_argument("--max-backlog", type=float, default=2.0, help="seconds of queued audio per stream before "
+    p.add_argument("--capacity", type=positive(int), default=16, help="most concurrent streams (default: %(default)s)")
+    p.add_argument("--max-backlog", type=positive(float), default=2.0, help="seconds of queued audio per stream before "
                    "the overload policy applies (default: %(default)s)")
     p.add_argument("--overload", choices=("drop_oldest", "shed"), default="drop_oldest")
     p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S", help="end a stream that sent no "
@@ -73,24 +77,73 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="publish every stream's live status every S seconds (default: %(default)s)")
     p.add_argument("--listen", action="store_true", help="also subscribe and print what arrives, with the input "
                    "level")
-    p.add_argument("--seconds", type=float, help="stop after this many seconds (live inputs)")
+    p.add_argument("--seconds", type=positive(float), help="stop after this many seconds (live inputs)")
     p.add_argument("--ws-token", default=os.environ.get("STREAMWAVLM_WS_TOKEN"), metavar="TOKEN",
                    help="WebSocket input: clients must send 'Authorization: Bearer TOKEN' or \"token\" in their "
                         "hello (default: $STREAMWAVLM_WS_TOKEN; unset: no authentication, see docs/security.md)")
     p.set_defaults(func=lambda args: asyncio.run(stream(args)))
 
 
-def _stop_on_sigint(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> bool:
-    """Let Ctrl-C end the run cleanly (flush, offline statuses); False where signals cannot be caught."""
+def window_hop(text: str) -> tuple[int, int]:
+    """``--xvector WINDOW,HOP``: two positive frame counts."""
     try:
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-    except (NotImplementedError, RuntimeError):  # not the main thread, or no signal support
-        return False
-    return True
+        window, hop = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WINDOW,HOP: give two frame counts, e.g. 150,50 "
+                                         "(a 3 s window every second)") from None
+    if window <= 0 or hop <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: WINDOW and HOP must be positive frame counts")
+    return window, hop
 
 
-async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[object, str, bool]]:
-    """Yield (source, stream id, live) for the input spec; network inputs yield one per client."""
+Sources = AsyncIterator[tuple[object, str, bool]]
+
+
+def _is_network(spec: str) -> bool:
+    return spec.startswith(("ws://", "mqtt://"))
+
+
+def _is_mic(spec: str) -> bool:
+    return spec == "mic" or spec.startswith("mic:")
+
+
+def _mic_device(spec: str) -> int | str | None:
+    """The device of ``mic`` / ``mic:DEVICE`` (an index or a name), or None for the default."""
+    device = spec[4:] or None
+    return int(device) if device and device.isdigit() else device
+
+
+def check_input(spec: str) -> None:
+    """Refuse an input that cannot work, in one line, before the model is loaded (seconds) or anything
+    starts: a missing or unreadable file, a microphone that is not there, a WebSocket port out of range, an
+    audio broker that refuses connections. (A port in use is found when :func:`open_input` binds it.)"""
+    if spec.startswith("ws://"):
+        try:
+            urlparse(spec).port  # noqa: B018 (the property parses the port and raises on a bad one)
+        except ValueError:
+            raise AudioError(f"--input {spec}: the port must be a number from 0 to 65535, e.g. "
+                             "ws://0.0.0.0:8765") from None
+    elif spec.startswith("mqtt://"):
+        check_reachable(spec)
+    elif _is_mic(spec):
+        from ..audio.microphone import find_device
+
+        try:
+            find_device(_mic_device(spec))
+        except OSError as e:  # PortAudio itself is missing (sounddevice could not load it)
+            raise AudioError(f"no microphone: {e}; install PortAudio (apt-get install libportaudio2)") from None
+    else:
+        samples = audio_length(spec)
+        if samples < ONE_FRAME:
+            raise AudioError(f"{spec}: {samples} samples at 16 kHz is too short for one frame; WavLM needs at "
+                             f"least {ONE_FRAME} ({ONE_FRAME / 16:.0f} ms): give a longer recording")
+
+
+@contextlib.asynccontextmanager
+async def open_input(spec: str, args: argparse.Namespace) -> AsyncIterator[Sources]:
+    """Open the input now (bind the WebSocket port, connect to the audio broker), so that a port in use or
+    an unreachable broker is said at start, not when the run ends; the yielded iterator gives (source,
+    stream id, live), one per client for network inputs."""
     if spec.startswith("ws://"):
         from ..audio.guard import AccessLimits
         from ..audio.websocket import WebSocketAudioServer
@@ -99,22 +152,31 @@ async def _sources(spec: str, args: argparse.Namespace) -> AsyncIterator[tuple[o
         async with WebSocketAudioServer(u.hostname or "127.0.0.1", u.port or 8765,
                                         limits=AccessLimits(token=args.ws_token)) as server:
             print(f"accepting audio streams on {server.url}", flush=True)
-            async for s in server.streams():  # a sender that can wait gets back-pressure, not drops
-                yield s, s.stream_id, s.hello.live
+            # a sender that can wait gets back-pressure, not drops
+            yield ((s, s.stream_id, s.hello.live) async for s in server.streams())
     elif spec.startswith("mqtt://"):
         from ..audio.mqtt_audio import MqttAudioInput
 
         async with MqttAudioInput(spec, prefix=AUDIO_PREFIX) as mq:
             print(f"accepting audio on {spec} topic {AUDIO_PREFIX}/audio/<stream>", flush=True)
-            async for s in mq.streams():
-                yield s, s.stream_id, True
-    elif spec == "mic" or spec.startswith("mic:"):
+            yield ((s, s.stream_id, True) async for s in mq.streams())
+    elif _is_mic(spec):
         from ..audio.microphone import MicrophoneSource
 
-        device = spec[4:] or None
-        yield MicrophoneSource(int(device) if device and device.isdigit() else device, block=800), "mic", True
+        yield _one((MicrophoneSource(_mic_device(spec), block=800), "mic", True))
     else:
-        yield FileSource(spec, block=1600, realtime=args.realtime), Path(spec).stem, args.realtime
+        yield _one((FileSource(spec, block=1600, realtime=args.realtime), Path(spec).stem, args.realtime))
+
+
+async def _one(item: tuple[object, str, bool]) -> Sources:
+    yield item
+
+
+async def _sources(spec: str, args: argparse.Namespace) -> Sources:
+    """Yield (source, stream id, live) for the input spec; network inputs yield one per client."""
+    async with open_input(spec, args) as sources:
+        async for item in sources:
+            yield item
 
 
 async def _listen(broker: str, prefix: str, console: Console, latencies: list[float],
@@ -136,33 +198,34 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
     """Run the main job until the input ends, ``--seconds`` pass, Ctrl-C, or ``stop`` is set."""
     console = Console()
     torch.set_grad_enabled(False)
+    spec = args.input or str(bundled_sample())
+    publish = args.broker != "none"
+    if args.listen and not publish:
+        raise ValueError("--listen subscribes to the broker; with --broker none there is none (use --save)")
+    check_input(spec)  # before the model loads (seconds): a user's mistake is said at once
+    if publish and args.broker is not None:
+        check_reachable(args.broker)
     model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
     settings = settings_from_args(args, model.cfg)
     if args.xvector:
-        window, hop = (int(x) for x in args.xvector.split(","))
-        settings = dataclasses.replace(settings, xvector=XVectorSettings(window, hop))
+        settings = dataclasses.replace(settings, xvector=XVectorSettings(*args.xvector))
         settings.validate(model.cfg)
     model = model.to(resolve_device(args.device))
     console.print(f"[bold]model[/]: {description}")
     console.print(precision_line(model))
     model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
-    spec = args.input or str(bundled_sample())
-    publish = args.broker != "none"
-    if args.listen and not publish:
-        raise ValueError("--listen subscribes to the broker; with --broker none there is none (use --save)")
-    if not (spec == "mic" or spec.startswith(("ws://", "mqtt://", "mic:"))):
-        audio_length(spec)  # an unreadable or missing file fails here, in one line, before anything starts
-    stop = stop or asyncio.Event()
+    stop = stop or stop_event()  # Ctrl-C and SIGTERM end the run cleanly (flush, offline statuses)
     loop = asyncio.get_running_loop()
     if args.seconds:
         loop.call_later(args.seconds, stop.set)
     async with contextlib.AsyncExitStack() as stack:
-        if _stop_on_sigint(loop, stop):
-            stack.callback(loop.remove_signal_handler, signal.SIGINT)
         broker = args.broker
         if broker is None:
-            broker = await stack.enter_async_context(EmbeddedBroker())
+            embedded = EmbeddedBroker()
+            broker = await stack.enter_async_context(embedded)
+            stack.callback(on_forced_exit(embedded.kill))  # a forced exit must not leave it running
             console.print(f"[bold]broker[/]: embedded, {broker}")
+        sources = await stack.enter_async_context(open_input(spec, args))
         latencies: list[float] = []
         levels: dict[str, float] = {}
         listener = None
@@ -190,7 +253,7 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
                       f"latency {settings.latency_ms(model.cfg):.0f} ms")
 
         async def accept() -> None:
-            async for source, stream_id, live in _sources(spec, args):
+            async for source, stream_id, live in sources:
                 if args.listen:
                     source = Metered(source, levels.__setitem__)  # type: ignore[arg-type]
                 try:
@@ -199,8 +262,10 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
                     await refuse(source, "server_busy", str(e))  # type: ignore[arg-type]
 
         acceptor = asyncio.create_task(accept())
-        network = spec.startswith(("ws://", "mqtt://"))
-        while not stop.is_set() and (network or not acceptor.done() or engine.streams):
+        network = _is_network(spec)
+        # a network input runs until stopped, unless its server or broker fails (the acceptor ends)
+        while not stop.is_set() and not (network and acceptor.done()) and (
+                network or not acceptor.done() or engine.streams):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
         if acceptor.done() and acceptor.exception():
@@ -228,4 +293,7 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
             ms = np.array(latencies) * 1000
             console.print(f"subscriber received {len(ms)} messages: latency from a chunk's last sample to "
                           f"receipt p50 {np.percentile(ms, 50):.0f} ms, p99 {np.percentile(ms, 99):.0f} ms")
+    failed = [s for s in engine.status() if s["error"]]
+    if failed and not network:  # the one input failed (a network input's clients fail on their own)
+        raise AudioError(f"{failed[0]['stream']}: {failed[0]['error']}")
     return 0

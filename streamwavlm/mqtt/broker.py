@@ -9,6 +9,7 @@ only MQTT 3.1.1 and is 2-3x slower but needs nothing outside pip. The URL it yie
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -52,6 +53,26 @@ def _accepts(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when the thread that started it ends
+
+
+def _die_with(parent: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when its starting thread (in the parent) ends,
+    SIGKILL of the whole process included; mosquitto exits on SIGTERM. None where there is no prctl (not
+    Linux): there the child is stopped only by ``stop()``. prctl is looked up here, in the parent: between
+    fork and exec the child should do as little as possible."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
+
+
 class Mosquitto:
     """A mosquitto process on a loopback port, managed by PID: start, stop, kill and restart on the same port.
 
@@ -59,11 +80,16 @@ class Mosquitto:
     ``start()`` (mosquitto writes its database on SIGTERM), which is what a persistent-session subscriber
     needs to survive a broker restart. ``max_queued_messages`` bounds what mosquitto holds per client beyond
     the in-flight window (its default is 1000); messages past it are dropped by the broker.
+
+    ``die_with_parent=True`` ties the broker's life to the thread that calls ``start()`` (Linux
+    ``PR_SET_PDEATHSIG``): if that thread or the whole process ends, even by SIGKILL, the broker gets
+    SIGTERM. Start it from a thread that lives as long as the broker (the event loop's, not a worker's).
     """
 
     def __init__(self, port: int | None = None, *, host: str = "127.0.0.1", workdir: str | Path | None = None,
                  persistence: bool = False, max_queued_messages: int = 1000,
-                 extra_config: Sequence[str] = (), binary: str | None = None) -> None:
+                 extra_config: Sequence[str] = (), binary: str | None = None,
+                 die_with_parent: bool = False) -> None:
         binary = binary or find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto, or run "
@@ -79,6 +105,7 @@ class Mosquitto:
         self.persistence = persistence
         self.max_queued_messages = max_queued_messages
         self.extra_config = tuple(extra_config)
+        self.die_with_parent = die_with_parent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -118,11 +145,22 @@ class Mosquitto:
 
     def start(self, timeout: float = 5.0) -> None:
         """Start on ``self.port`` and return once it accepts TCP connections (or raise BrokerError)."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Start the process and return at once (``wait_ready`` waits for its port)."""
         if self.pid is not None:
             raise BrokerError(f"mosquitto is already running (pid {self.pid})")
         self.write_config()
+        # its own session: a Ctrl-C on the terminal goes to us, and we stop the broker in order
         self.process = subprocess.Popen([self.binary, "-c", str(self.config_file)], start_new_session=True,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        preexec_fn=_die_with(os.getpid()) if self.die_with_parent else None)
+
+    def wait_ready(self, timeout: float = 5.0) -> None:
+        """Return once the started process accepts TCP connections (or raise BrokerError)."""
+        assert self.process is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         while not _accepts(self.host, self.port):
             if self.process.poll() is not None:
@@ -224,8 +262,14 @@ class EmbeddedBroker:
 
     async def __aenter__(self) -> str:
         if self.backend == "mosquitto":
-            self._mosquitto = Mosquitto(self.port, host=self.host)
-            await asyncio.to_thread(self._mosquitto.start)
+            # spawned from the event loop's thread, which outlives the block: the broker dies with it
+            self._mosquitto = Mosquitto(self.port, host=self.host, die_with_parent=True)
+            self._mosquitto.spawn()
+            try:
+                await asyncio.to_thread(self._mosquitto.wait_ready)
+            except BaseException:  # failed, or cancelled (Ctrl-C while starting): nothing may be left
+                self.kill()
+                raise
         else:
             self._amqtt = await _start_amqtt(self.host, self.port)
         return self.url
@@ -238,6 +282,14 @@ class EmbeddedBroker:
         if self._amqtt is not None:
             await self._amqtt.shutdown()
             self._amqtt = None
+
+    def kill(self) -> None:
+        """For a process that must exit now (see ``commands.signals``): SIGKILL the mosquitto broker and
+        remove its folder, synchronously. An amqtt broker lives in our process and ends with it."""
+        if self._mosquitto is not None:
+            self._mosquitto.kill()
+            self._mosquitto.close()
+            self._mosquitto = None
 
 
 async def _start_amqtt(host: str, port: int) -> Any:
