@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 ConvSpec = tuple[int, int, int]  # (out channels, kernel, stride)
+MAX_SIZE = 1 << 20  # bound on every count and size in a config: far above any WavLM, far below a memory bomb
+MAX_CONV_LAYERS = 64
 
 DEFAULT_CONV_LAYERS: tuple[ConvSpec, ...] = ((512, 10, 5),) + ((512, 3, 2),) * 4 + ((512, 2, 2),) * 2
 
@@ -36,6 +38,11 @@ class XVectorConfig:
     tdnn_dilation: tuple[int, ...] = (1, 2, 3, 1, 1)
     output_dim: int = 512
     num_labels: int = 2  # size of the (training-only) classifier kept for a faithful round trip
+
+    def __post_init__(self) -> None:
+        if not len(self.tdnn_dim) == len(self.tdnn_kernel) == len(self.tdnn_dilation) > 0:
+            raise ConfigError("unsupported config: tdnn_dim, tdnn_kernel and tdnn_dilation must be non-empty and "
+                              "of one length")
 
     @property
     def receptive_field(self) -> int:
@@ -106,9 +113,11 @@ class WavLMConfig:
         need(len(self.conv_layers) > 0, "conv_feature_layers", "the CNN needs at least one layer")
         need(all(len(c) == 3 and min(c) > 0 for c in self.conv_layers), "conv_feature_layers",
              "every layer must be a positive (dim, kernel, stride) triple")
+        need(len(self.conv_layers) <= MAX_CONV_LAYERS, "conv_feature_layers",
+             f"{len(self.conv_layers)} layers; at most {MAX_CONV_LAYERS} are accepted")
         need(self.embed_dim > 0 and self.num_heads > 0 and self.embed_dim % self.num_heads == 0,
              "encoder_attention_heads", f"embed dim {self.embed_dim} is not divisible by {self.num_heads} heads")
-        need(self.embed_dim % self.conv_pos_groups == 0, "conv_pos_groups",
+        need(self.conv_pos_groups > 0 and self.embed_dim % self.conv_pos_groups == 0, "conv_pos_groups",
              f"embed dim {self.embed_dim} is not divisible by {self.conv_pos_groups} groups")
         need(self.conv_pos > 0, "conv_pos", "the positional convolution needs a kernel")
         need(self.num_buckets >= 4 and self.num_buckets % 2 == 0, "num_buckets",
@@ -124,6 +133,9 @@ class WavLMConfig:
         if not isinstance(cfg, dict):
             raise ConfigError(f"checkpoint 'cfg' must be a dict, got {type(cfg).__name__}")
         c = {**_UNILM_DEFAULTS, **cfg}
+        if c["extractor_mode"] not in ("default", "layer_norm"):
+            raise ConfigError(f"unsupported config: extractor_mode={c['extractor_mode']!r}: expected 'default' "
+                              "(group norm) or 'layer_norm'")
         if not c["relative_position_embedding"]:
             raise ConfigError("unsupported config: relative_position_embedding=False: every WavLM checkpoint "
                               "uses the relative position bias; this looks like a HuBERT/wav2vec2 cfg")
@@ -133,22 +145,22 @@ class WavLMConfig:
         if c["activation_fn"] != "gelu":
             raise ConfigError(f"unsupported config: activation_fn={c['activation_fn']!r}: only 'gelu' is implemented")
         layers = c["conv_feature_layers"]
-        conv_layers = parse_conv_layers(layers) if isinstance(layers, str) else tuple(tuple(x) for x in layers)
+        conv_layers = parse_conv_layers(layers) if isinstance(layers, str) else _conv_triples(layers, repr(layers))
         known = set(_UNILM_DEFAULTS)
         return cls(
             extractor_mode=c["extractor_mode"],
             conv_layers=conv_layers,
-            conv_bias=bool(c["conv_bias"]),
-            embed_dim=int(c["encoder_embed_dim"]),
-            ffn_dim=int(c["encoder_ffn_embed_dim"]),
-            num_layers=int(c["encoder_layers"]),
-            num_heads=int(c["encoder_attention_heads"]),
-            layer_norm_first=bool(c["layer_norm_first"]),
-            conv_pos=int(c["conv_pos"]),
-            conv_pos_groups=int(c["conv_pos_groups"]),
-            num_buckets=int(c["num_buckets"]),
-            max_distance=int(c["max_distance"]),
-            normalize=bool(c["normalize"]),
+            conv_bias=_bool(c, "conv_bias"),
+            embed_dim=_int(c, "encoder_embed_dim"),
+            ffn_dim=_int(c, "encoder_ffn_embed_dim"),
+            num_layers=_int(c, "encoder_layers"),
+            num_heads=_int(c, "encoder_attention_heads"),
+            layer_norm_first=_bool(c, "layer_norm_first"),
+            conv_pos=_int(c, "conv_pos"),
+            conv_pos_groups=_int(c, "conv_pos_groups"),
+            num_buckets=_int(c, "num_buckets"),
+            max_distance=_int(c, "max_distance"),
+            normalize=_bool(c, "normalize"),
             normalize_eps=1e-5,
             extras={k: v for k, v in cfg.items() if k not in known},
         )
@@ -185,6 +197,10 @@ class WavLMConfig:
         Without a preprocessor file the normalisation follows the released models: on for the layer-norm
         (Large) variant, off otherwise.
         """
+        if not isinstance(config, dict):
+            raise ConfigError(f"config.json must be a JSON object, got {type(config).__name__}")
+        if preprocessor is not None and not isinstance(preprocessor, dict):
+            raise ConfigError(f"preprocessor_config.json must be a JSON object, got {type(preprocessor).__name__}")
         c = {**_HF_DEFAULTS, **config}
         norm = c["feat_extract_norm"]
         if norm not in ("group", "layer"):
@@ -192,37 +208,41 @@ class WavLMConfig:
         for key in ("hidden_act", "feat_extract_activation"):
             if c[key] != "gelu":
                 raise ConfigError(f"unsupported config: {key}={c[key]!r}: only 'gelu' is implemented")
-        dims, kernels, strides = c["conv_dim"], c["conv_kernel"], c["conv_stride"]
+        dims, kernels, strides = _ints(c, "conv_dim"), _ints(c, "conv_kernel"), _ints(c, "conv_stride")
         if not (len(dims) == len(kernels) == len(strides)):
             raise ConfigError("unsupported config: conv_dim, conv_kernel and conv_stride differ in length")
-        normalize = bool(preprocessor.get("do_normalize", False)) if preprocessor is not None else norm == "layer"
+        normalize = (_bool({"do_normalize": False, **preprocessor}, "do_normalize") if preprocessor is not None
+                     else norm == "layer")
         archs = c.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"unsupported config: architectures={archs!r}: expected a list of class names")
         xvector = None
         if any("XVector" in a for a in archs):
-            tdnn = tuple(int(x) for x in c["tdnn_dim"])
+            tdnn = _ints(c, "tdnn_dim")
+            labels = c.get("num_labels") or len(c.get("id2label") or {}) or 2
             xvector = XVectorConfig(
-                use_weighted_layer_sum=bool(c.get("use_weighted_layer_sum", False)),
+                use_weighted_layer_sum=_bool(c, "use_weighted_layer_sum"),
                 projector_dim=tdnn[0],
                 tdnn_dim=tdnn,
-                tdnn_kernel=tuple(int(x) for x in c["tdnn_kernel"]),
-                tdnn_dilation=tuple(int(x) for x in c["tdnn_dilation"]),
-                output_dim=int(c["xvector_output_dim"]),
-                num_labels=int(c.get("num_labels") or len(c.get("id2label") or {}) or 2),
+                tdnn_kernel=_ints(c, "tdnn_kernel"),
+                tdnn_dilation=_ints(c, "tdnn_dilation"),
+                output_dim=_int(c, "xvector_output_dim"),
+                num_labels=_int({"num_labels": labels}, "num_labels"),
             )
         return cls(
             extractor_mode="default" if norm == "group" else "layer_norm",
-            conv_layers=tuple((int(d), int(k), int(s)) for d, k, s in zip(dims, kernels, strides, strict=True)),
-            conv_bias=bool(c["conv_bias"]),
-            embed_dim=int(c["hidden_size"]),
-            ffn_dim=int(c["intermediate_size"]),
-            num_layers=int(c["num_hidden_layers"]),
-            num_heads=int(c["num_attention_heads"]),
-            layer_norm_first=bool(c["do_stable_layer_norm"]),
-            conv_pos=int(c["num_conv_pos_embeddings"]),
-            conv_pos_groups=int(c["num_conv_pos_embedding_groups"]),
-            num_buckets=int(c["num_buckets"]),
-            max_distance=int(c["max_bucket_distance"]),
-            layer_norm_eps=float(c["layer_norm_eps"]),
+            conv_layers=tuple(zip(dims, kernels, strides, strict=True)),
+            conv_bias=_bool(c, "conv_bias"),
+            embed_dim=_int(c, "hidden_size"),
+            ffn_dim=_int(c, "intermediate_size"),
+            num_layers=_int(c, "num_hidden_layers"),
+            num_heads=_int(c, "num_attention_heads"),
+            layer_norm_first=_bool(c, "do_stable_layer_norm"),
+            conv_pos=_int(c, "num_conv_pos_embeddings"),
+            conv_pos_groups=_int(c, "num_conv_pos_embedding_groups"),
+            num_buckets=_int(c, "num_buckets"),
+            max_distance=_int(c, "max_bucket_distance"),
+            layer_norm_eps=_positive_float(c, "layer_norm_eps"),
             normalize=normalize,
             normalize_eps=1e-7,
             xvector=xvector,
@@ -275,15 +295,63 @@ class WavLMConfig:
     @classmethod
     def from_hf_dir(cls, directory: str | Path) -> WavLMConfig:
         d = Path(directory)
-        try:
-            config = json.loads((d / "config.json").read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"{d} has no config.json: not a Hugging Face model directory") from e
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{d / 'config.json'} is not valid JSON ({e}); re-download the directory") from e
+        if not (d / "config.json").exists():
+            raise ConfigError(f"{d} has no config.json: not a Hugging Face model directory")
         pre_path = d / "preprocessor_config.json"
-        preprocessor = json.loads(pre_path.read_text()) if pre_path.exists() else None
-        return cls.from_hf(config, preprocessor)
+        preprocessor = _read_json(pre_path) if pre_path.exists() else None
+        return cls.from_hf(_read_json(d / "config.json"), preprocessor)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file, or :class:`ConfigError`. Besides malformed JSON and bytes that are not UTF-8, that covers
+    nesting beyond the decoder's recursion limit and integers beyond Python's 4300 digits, which escaped as
+    RecursionError and plain ValueError (found by tests/test_fuzz.py)."""
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError(f"{path} is not valid JSON ({why}); re-download the directory") from None
+
+
+# Typed reads of one config key: a value of the wrong type or out of range is a ConfigError naming the key,
+# not a TypeError/ValueError/OverflowError from deep inside the model (all three were found by fuzzing).
+def _int(c: dict[str, Any], key: str) -> int:
+    v = c[key]
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
+        raise ConfigError(f"unsupported config: {key}={v!r}: expected an integer from 1 to {MAX_SIZE}")
+    return v
+
+
+def _ints(c: dict[str, Any], key: str) -> tuple[int, ...]:
+    v = c[key]
+    if not isinstance(v, (list, tuple)) or not 0 < len(v) <= MAX_CONV_LAYERS:
+        raise ConfigError(f"unsupported config: {key}={v!r}: expected a list of 1 to {MAX_CONV_LAYERS} integers")
+    return tuple(_int({key: x}, key) for x in v)
+
+
+def _bool(c: dict[str, Any], key: str) -> bool:
+    v = c[key]
+    if v not in (True, False) or not isinstance(v, (bool, int)):  # 0 and 1 as some configs write them
+        raise ConfigError(f"unsupported config: {key}={v!r}: expected true or false")
+    return bool(v)
+
+
+def _positive_float(c: dict[str, Any], key: str) -> float:
+    v = c[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+        raise ConfigError(f"unsupported config: {key}={v!r}: expected a positive number")
+    return float(v)
+
+
+def _conv_triples(value: Any, spec: str) -> tuple[ConvSpec, ...]:
+    """``conv_feature_layers`` as given (a list of (dim, kernel, stride)) or as evaluated from its string."""
+    if not isinstance(value, (list, tuple)) or not 0 < len(value) <= MAX_CONV_LAYERS or not all(
+            isinstance(x, (list, tuple)) and len(x) == 3 for x in value):
+        raise ConfigError(f"unsupported config: conv_feature_layers={spec}: expected a list of 1 to "
+                          f"{MAX_CONV_LAYERS} (dim, kernel, stride) triples")
+    return tuple(_ints({"conv_feature_layers": x}, "conv_feature_layers") for x in value)  # type: ignore[misc]
 
 
 def _is_json(v: Any) -> bool:
@@ -314,17 +382,27 @@ def parse_conv_layers(spec: str) -> tuple[ConvSpec, ...]:
         if isinstance(node, ast.Tuple):
             return tuple(ev(e) for e in node.elts)
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-        raise ConfigError(f"unsupported config: conv_feature_layers={spec!r}: only list/tuple literals with + "
+            left, right = ev(node.left), ev(node.right)
+            # "[(512,3,2)] * 10**10" would build a ten-billion-entry list (found by tests/test_fuzz.py)
+            length = sum(len(x) if isinstance(x, (list, tuple)) else 0 for x in (left, right))
+            count = max(x if isinstance(x, int) else 1 for x in (left, right))
+            if length * count > 3 * MAX_CONV_LAYERS:
+                raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r} is too long; at most "
+                                  f"{MAX_CONV_LAYERS} layers are accepted")
+            try:
+                return _BINOPS[type(node.op)](left, right)
+            except TypeError:  # a list plus a number, a tuple times a tuple
+                raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r} mixes lists and "
+                                  "numbers") from None
+        raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r}: only list/tuple literals with + "
                           "and * are accepted")
 
     try:
         value = ev(ast.parse(spec, mode="eval"))
-    except SyntaxError as e:
-        raise ConfigError(f"unsupported config: conv_feature_layers={spec!r} does not parse: {e}") from e
-    if not isinstance(value, list) or not all(isinstance(x, tuple) and len(x) == 3 for x in value):
-        raise ConfigError(f"unsupported config: conv_feature_layers={spec!r} is not a list of 3-tuples")
-    return tuple(tuple(int(v) for v in x) for x in value)  # type: ignore[misc]
+    except (SyntaxError, RecursionError, MemoryError) as e:  # the last two: nesting too deep for the parser
+        raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r} does not parse: "
+                          f"{type(e).__name__}") from None
+    return _conv_triples(value, repr(spec[:80]))
 
 
 # unilm WavLMConfig defaults (only the keys that shape inference)

@@ -230,7 +230,7 @@ def decode_json(payload: str | bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> Em
             layers=tuple(int(x) for x in obj["layers"]), data=data, epoch=int(obj.get("epoch", 0)))
     except KeyError as e:
         raise WireError(f"JSON message lacks field {e.args[0]!r} (or has an unknown dtype)") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(Infinity) (found by test_fuzz.py)
         raise WireError(f"JSON message has a field of the wrong type: {e}") from None
     if data.shape != shape:
         raise WireError(f"shape/size mismatch: shape says {shape}, data has {data.shape}")
@@ -250,6 +250,8 @@ def _load_json(payload: str | bytes, fmt: str) -> dict[str, Any]:
         obj = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as e:
         raise WireError(f"not valid JSON ({e}); expected the {fmt} JSON form") from None
+    except RecursionError:  # nesting beyond the decoder's recursion limit (found by tests/test_fuzz.py)
+        raise WireError(f"JSON nested too deeply; expected the {fmt} JSON form") from None
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         got = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise WireError(f"not a {fmt} JSON payload: format is {got!r}")
@@ -280,7 +282,7 @@ def decode_status(payload: str | bytes) -> Status:
                         info=dict(obj.get("info", {})))
     except KeyError as e:
         raise WireError(f"status lacks field {e.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:
         raise WireError(f"status has a field of the wrong type: {e}") from None
     if status.state not in STATES:
         raise WireError(f"status state {status.state!r} is not one of {STATES}")
