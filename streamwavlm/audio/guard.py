@@ -11,7 +11,9 @@ of half-open connections can take, before any audio is decoded:
   ``connection_rate`` per second), so a reconnect loop cannot spin the server;
 * at most ``max_unready`` connections, all clients together, that have not yet sent a valid hello (a
   slowloris holding sockets open costs a bounded number of them, each for ``hello_timeout`` at most);
-* an ``idle_timeout``: a stream that sends nothing for that long is closed, which frees its slot.
+* an ``idle_timeout`` (off by default): a connection that sends nothing for that long after its hello is
+  closed. The engine's own idle timeout (``streamwavlm stream --idle-timeout``) already ends stalled streams
+  and frees their slots; this one is for servers used without the engine, and closes the socket itself.
 
 The policy is pure bookkeeping with the clock injected (like ``Reorderer`` in ``mqtt/subscriber.py``), so
 it is tested without sockets; ``websocket.py`` turns a denial into the documented error and close code.
@@ -35,7 +37,7 @@ class AccessLimits:
     connection_rate: float = 5.0  # sustained new connections per second, per remote address
     connection_burst: int = 20  # connections a remote address may open at once
     max_unready: int = 64  # connections that have not finished their hello, all clients together
-    idle_timeout: float | None = 30.0  # seconds without a message after the hello; None: never
+    idle_timeout: float | None = None  # seconds without a message after the hello; None: never
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token:
