@@ -1,0 +1,202 @@
+"""CPU precision paths (bf16, int8) against our fp32 and transformers' fp32, in one process.
+
+Base-size random weights (transformers' initialisation, loaded through our loader). Every comparison runs
+its candidates interleaved, round after round, and reports medians, so that load from other processes on
+the machine hits all of them alike; only ratios within this run mean anything. Sections:
+
+1. the one-GEMM shapes of a streaming step and of an offline forward (GFLOP/s);
+2. offline Base, 10 s: transformers fp32 vs ours in each precision;
+3. streaming C=16, L=250: one stream, and 8 streams stepped together (compute per second of audio);
+4. per-layer cosine and relative error against fp32, offline and streaming, on speech;
+5. int8 per layer type: one type at a time in int8, the rest fp32 (which layers are sensitive);
+6. where a one-stream C=16 run spends its time in each precision (torch profiler, self time per op).
+
+Run: ``.venv/bin/python benchmarks/bench_precision.py [--seconds 10] [--repeats 3] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_streaming import stream_latency
+from common import cpu_report, finish, hf_model, ours_from_hf, speech
+
+from streamwavlm.model.linear import PRECISIONS, Linear, linear, pack, packing
+from streamwavlm.precision import apply, choose_auto, conv_precision, missing, native_precisions
+from streamwavlm.precision_fidelity import measure_precision
+from streamwavlm.streaming import StreamSettings
+from streamwavlm.streaming.fidelity import compare
+
+C16 = StreamSettings(chunk=16, left=250)
+
+
+def interleaved(cands: dict[str, Callable[[], object]], repeats: int,
+                setup: Callable[[str], None] = lambda _k: None) -> dict[str, float]:
+    """Median seconds per candidate; one untimed warm-up call each, then ``repeats`` rounds over all.
+    ``setup(name)`` runs untimed before each call (switching the model's precision)."""
+    for k, fn in cands.items():
+        setup(k)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cands}
+    for _ in range(repeats):
+        for k, fn in cands.items():
+            setup(k)
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def gemm_section(paths: list[str], repeats: int) -> list[str]:
+    w, b = torch.randn(3072, 768) * 0.02, torch.zeros(3072)
+    lines = ["| rows x 768 -> 3072 | F.linear fp32 GFLOP/s | " + " | ".join(f"packed {p}" for p in paths) + " |",
+             "|---|---|" + "---|" * len(paths)]
+    for rows in (16, 128, 500):
+        x = torch.randn(rows, 768)
+        packed = {}
+        for p in paths:
+            with packing(p):  # type: ignore[arg-type]
+                packed[p] = pack(w, b)
+        reps = max(1, 2000 // rows)
+
+        def loop(fn: Callable[[], object], reps: int = reps) -> Callable[[], None]:
+            def run() -> None:
+                for _ in range(reps):
+                    fn()
+            return run
+        cands = {"dense": loop(lambda x=x: F.linear(x, w, b))}
+        cands |= {p: loop(lambda x=x, k=packed[p]: linear(x, w, b, k)) for p in paths}
+        t = interleaved(cands, repeats * 3)
+        gflop = 2 * rows * 768 * 3072 * reps / 1e9
+        lines.append(f"| {rows} | {gflop / t['dense']:.0f} | " + " | ".join(
+            f"{gflop / t[p]:.0f} ({t['float32'] / t[p]:.2f}x)" for p in paths) + " |")
+    return lines
+
+
+def sensitivity(model, wav: torch.Tensor) -> list[str]:
+    """int8 in one layer type at a time (fp32 elsewhere): worst per-layer cosine and last-layer error."""
+    apply(model, "float32")
+    ref = model(wav[None]).hidden_states
+    roles: dict[str, Callable[[], list]] = {
+        "QKV+gate": lambda: [layer.attn for layer in model.encoder.layers],
+        "attention output": lambda: [layer.attn.out_proj for layer in model.encoder.layers],
+        "FFN in": lambda: [layer.ffn.fc1 for layer in model.encoder.layers],
+        "FFN out": lambda: [layer.ffn.fc2 for layer in model.encoder.layers],
+        "feature projection": lambda: [model.projection.linear],
+    }
+    lines = ["| int8 only in | worst layer cosine | last layer cosine | last layer rel err |", "|---|---|---|---|"]
+    for role, modules in roles.items():
+        apply(model, "float32")
+        with packing("int8"):
+            for m in modules():
+                m.derive() if isinstance(m, Linear) else m.fuse()
+        out = model(wav[None]).hidden_states
+        pairs = [compare(a[0], r[0]) for a, r in zip(out, ref, strict=True)]
+        lines.append(f"| {role} | {min(c for c, _ in pairs):.5f} | {pairs[-1][0]:.5f} | {pairs[-1][1]:.2e} |")
+    apply(model, "float32")
+    model.frontend.derive("bfloat16")
+    out = model(wav[None]).hidden_states
+    pairs = [compare(a[0], r[0]) for a, r in zip(out, ref, strict=True)]
+    lines.append(f"| (bf16 CNN convs only) | {min(c for c, _ in pairs):.5f} | {pairs[-1][0]:.5f} | "
+                 f"{pairs[-1][1]:.2e} |")
+    apply(model, "float32")
+    return lines
+
+
+def profile(model, wav: torch.Tensor, paths: list[str], top: int = 10) -> list[str]:
+    """Self CPU milliseconds of the ops that take most time in one 1-stream C=16 run, per precision."""
+    per: dict[str, dict[str, float]] = {}
+    for p in paths:
+        apply(model, p)  # type: ignore[arg-type]
+        stream_latency(model, [wav], C16)  # oneDNN creates its kernels on the first run
+        with torch.profiler.profile() as prof:
+            stream_latency(model, [wav], C16)
+        per[p] = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+    apply(model, "float32")
+    ops = sorted({k for d in per.values() for k in d}, key=lambda k: -max(d.get(k, 0.0) for d in per.values()))
+    lines = ["| op | " + " | ".join(f"{p} ms" for p in paths) + " |", "|---|" + "---|" * len(paths)]
+    lines += [f"| {k} | " + " | ".join(f"{per[p].get(k, 0.0):.0f}" for p in paths) + " |" for k in ops[:top]]
+    lines.append("| total | " + " | ".join(f"{sum(per[p].values()):.0f}" for p in paths) + " |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio length (offline and streaming)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    paths = native_precisions()
+    auto = choose_auto(use_cache=False)
+    lines = [*cpu_report(), "",
+             f"Native precisions: {', '.join(paths)}"
+             + "".join(f"; {p} skipped ({missing(p)})" for p in PRECISIONS if p not in paths)
+             + f". auto: {auto.describe()}.",
+             f"Base size, random weights, {args.seconds:.0f} s of the bundled speech, median of {args.repeats} "
+             "interleaved rounds after a warm-up.", "", "### One GEMM", "", *gemm_section(paths, args.repeats)]
+
+    ref = hf_model("base")
+    with tempfile.TemporaryDirectory() as d:
+        model = ours_from_hf(ref, Path(d))
+    wav = speech(args.seconds)
+    secs = args.seconds
+
+
+    def switch(name: str) -> None:
+        if name in PRECISIONS:
+            apply(model, name)  # type: ignore[arg-type]
+
+    t = interleaved({"transformers": lambda: ref(wav[None]), **{p: lambda: model(wav[None]) for p in paths}},
+                    args.repeats, switch)
+    lines += ["", f"### Offline forward, {secs:.0f} s", "",
+              "| path | seconds | RTF | vs our fp32 | speed-up over transformers fp32 |", "|---|---|---|---|---|",
+              f"| transformers fp32 | {t['transformers']:.2f} | {t['transformers'] / secs:.3f} | | 1.00x |"]
+    lines += [f"| ours {p} (CNN {conv_precision(p)}) | {t[p]:.2f} | {t[p] / secs:.3f} | {t[p] / t['float32']:.2f}x "
+              f"| {t['transformers'] / t[p]:.2f}x |" for p in paths]
+    print("\n".join(lines), flush=True)
+
+    wavs = [wav.roll(i * 4000) for i in range(args.streams)]
+    cost: dict[int, dict[str, float]] = {}
+    for n in (1, args.streams):
+        cost[n] = interleaved({p: lambda n=n: stream_latency(model, wavs[:n], C16) for p in paths},
+                              args.repeats, switch)
+    lines += ["", f"### Streaming C=16, L=250 ({C16.latency_ms(model.cfg):.0f} ms algorithmic latency)", "",
+              f"| path | 1 stream RTF | vs our fp32 | {args.streams} streams RTF per stream | "
+              f"vs our fp32 ({args.streams} streams) | vs our fp32 (1 stream) |",
+              "|---|---|---|---|---|---|"]
+    one, many = cost[1], cost[args.streams]
+    for p in paths:
+        per = many[p] / args.streams / secs
+        lines.append(f"| {p} | {one[p] / secs:.3f} | {one[p] / one['float32']:.2f}x | {per:.3f} | "
+                     f"{many[p] / many['float32']:.2f}x | {per * secs / one['float32']:.2f}x |")
+    print("\n".join(lines[-len(paths) - 4:]), flush=True)
+
+    lines += ["", "### Agreement with fp32 per hidden state (cosine: mean over frames; rel err: Frobenius)", ""]
+    for p in paths[1:]:
+        rows = measure_precision(model, wav, p, [C16])  # type: ignore[arg-type]
+        lines += [f"{p}:", "", "| path | " + " | ".join(f"h{i}" for i in range(len(rows[0].cosine))) + " |",
+                  "|---|" + "---|" * len(rows[0].cosine)]
+        for r in rows:
+            lines.append(f"| {r.path} cos | " + " | ".join(f"{c:.5f}" for c in r.cosine) + " |")
+            lines.append(f"| {r.path} rel err | " + " | ".join(f"{e:.1e}" for e in r.rel_error) + " |")
+        lines.append("")
+    if "int8" in paths:
+        lines += ["### int8 per layer type (offline, the rest fp32)", "", *sensitivity(model, wav[: 4 * 16000])]
+    lines += ["", "### Where one stream's time goes (C=16, L=250; self CPU time per op)", "",
+              *profile(model, wav, paths)]
+    finish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()
