@@ -23,6 +23,7 @@ parser and kept below as an ``@example``.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -358,3 +359,110 @@ def test_pt_cfg_through_the_checkpoint_reader(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"bad\.pt: .*too long"):
         read_checkpoint(path)
 
+
+
+# ---------------------------------------------------------------- the same over a real WebSocket server
+
+DOCUMENTED = {  # docs/audio.md, "Errors": code -> close code
+    "missing_hello": 1008, "hello_timeout": 1008, "invalid_hello": 1008, "stream_id_in_use": 1008,
+    "unexpected_text": 1008, "unsupported_rate": 1003, "unsupported_format": 1003, "unsupported_channels": 1003,
+    "invalid_frame": 1007, "frame_too_big": 1009,
+}
+sessions = st.tuples(
+    st.one_of(hello_messages, _hello_dict().map(json.dumps)),
+    st.lists(st.one_of(st.binary(max_size=2048), control_messages), max_size=4),
+)
+
+
+class ServerThread:
+    """A WebSocketAudioServer on its own event loop in a thread, draining every stream, so that the
+    hypothesis examples can be plain synchronous clients."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import threading
+
+        from streamwavlm.audio.guard import AccessLimits
+        from streamwavlm.audio.websocket import WebSocketAudioServer
+
+        self.loop = asyncio.new_event_loop()
+        unlimited = AccessLimits(connection_rate=1e9, connection_burst=10**9, max_streams_per_client=10**9)
+        self.server = WebSocketAudioServer(max_frame_bytes=65536, hello_timeout=1.0, limits=unlimited)
+        self.consumers: set[asyncio.Task[None]] = set()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(10)
+        self.drainer = asyncio.run_coroutine_threadsafe(self._drain(), self.loop)
+
+    async def _drain(self) -> None:
+        import asyncio
+
+        async def consume(stream: Any) -> None:
+            async for _ in stream:
+                pass
+
+        async for stream in self.server.streams():
+            task = asyncio.ensure_future(consume(stream))
+            self.consumers.add(task)
+            task.add_done_callback(self.consumers.discard)
+
+    def stop(self) -> None:
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.drainer.cancel()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+SERVER: list[ServerThread] = []
+STREAM_IDS = iter(range(10**9))
+
+
+@given(sessions)
+@example(("[" * 100_000, []))  # RecursionError out of the hello check: an internal_error before
+@example(('{"stream_id": "a", "sample_rate": 16000, "format": {}, "channels": 1}', []))
+def check_session(session: tuple[str | bytes, list[str | bytes]]) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    hello, rest = session
+    if isinstance(hello, str) and hello.startswith('{"stream_id": "mic-1"'):
+        hello = hello.replace('"mic-1"', f'"s{next(STREAM_IDS)}"', 1)  # one id per session: no collisions
+    with connect(SERVER[0].server.url, open_timeout=5, close_timeout=2) as ws:
+        replies = []
+        with contextlib.suppress(ConnectionClosed):  # a refusal may close the connection while we send
+            for message in (hello, *rest, '{"type": "end"}'):
+                ws.send(message)
+        with contextlib.suppress(ConnectionClosed, TimeoutError):  # what the server said before closing
+            while True:
+                replies.append(json.loads(ws.recv(timeout=5)))
+        code = ws.close_code
+    for reply in replies:
+        assert reply["type"] in ("ready", "error", "done"), reply
+        if reply["type"] == "error":
+            assert DOCUMENTED[reply["code"]] == code, (reply, code)
+    if not any(r["type"] == "error" for r in replies):  # a normal end, or a message over 4x max_frame_bytes
+        assert (code == 1000 and replies[-1]["type"] == "done") or code == 1009, (replies, code)
+
+
+@profiles
+def test_fuzz_websocket_server_sessions(profile: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Whole sessions against a real server: every answer is a documented error with its documented close
+    code, or a normal end; the server never reports an internal error, and still serves a normal stream."""
+    import asyncio
+    import logging
+
+    from streamwavlm.audio.websocket import send_audio
+
+    SERVER[:] = [ServerThread()]
+    try:
+        with caplog.at_level(logging.WARNING):
+            fuzz("websocket server sessions", profile, check_session)
+        good = np.zeros((1600, 1), np.int16)
+        done = asyncio.run_coroutine_threadsafe(send_audio(SERVER[0].server.url, good, 16000, "after"),
+                                                SERVER[0].loop).result(10)
+        assert done["samples_in"] == 1600
+    finally:
+        SERVER[0].stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or "internal" in r.getMessage()]
