@@ -506,8 +506,8 @@ def _reset_peak_rss() -> bool:
 
 def test_oversized_mqtt_payloads_are_refused_before_decoding(mosquitto, tmp_path) -> None:
     """A payload over the limit is refused by its size on the stream's error topic; a 50 MB one is not even
-    delivered (MQTT 5 maximum packet size) and the resident memory stays flat. A concurrent stream goes on,
-    and the refused stream's sender can start over."""
+    delivered (MQTT 5 maximum packet size) and the resident memory stays flat; JSON sent as raw audio is
+    refused as text. A concurrent stream goes on, and the refused stream's sender can start over."""
     import aiomqtt
 
     from streamwavlm.audio.mqtt_audio import MqttAudioInput, publish_audio
@@ -536,6 +536,10 @@ def test_oversized_mqtt_payloads_are_refused_before_decoding(mosquitto, tmp_path
             error = json.loads(reply.payload)
             assert reply.topic.value == "t/audio/big/error" and error["code"] == "payload_too_big"
             assert "200000 bytes exceeds the limit of 65536 bytes" in error["message"]
+            await client.publish("t/audio/notes", b'{"samples": [0.1, 0.2, 0.3]}', qos=1)  # text, not audio
+            reply = await asyncio.wait_for(anext(aiomqtt_messages(client)), 10)
+            error = json.loads(reply.payload)
+            assert reply.topic.value == "t/audio/notes/error" and "the payload is text" in error["message"]
             await asyncio.sleep(0.3)
             _reset_peak_rss()
             before = _peak_rss_mb()
