@@ -9,7 +9,7 @@ from typing import NoReturn
 
 from .audio.validate import AudioError
 from .checkpoint import CheckpointError
-from .commands.signals import guarded
+from .commands.signals import exit_now, guarded
 from .config import ConfigError
 from .mqtt.broker import BrokerError
 
@@ -59,15 +59,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     prog = f"streamwavlm {args.command}"
-    with guarded(prog):
+    with guarded(prog) as signalled:
         try:
-            return int(args.func(args) or 0)
+            code = int(args.func(args) or 0)
         except USER_ERRORS as e:
             print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-            return 2
+            code = 2
         except KeyboardInterrupt:
             print(f"{prog}: interrupted", file=sys.stderr)
-            return 130
+            code = 130
+    if signalled():  # stopped by Ctrl-C or SIGTERM, and cleaned up: leave now
+        exit_now(code)
+    return code
 
 
 def one_line(error: BaseException) -> str:

@@ -104,6 +104,15 @@ class PulseMic:
         finally:
             os.close(fd)
 
+    def crash(self) -> None:
+        """The sound server dies (SIGKILL) under its clients; the FIFO writer is stopped first, quietly."""
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(5)
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+
     def stop(self) -> None:
         """Stop the writer (after the recording stream is closed) and the server, by PID."""
         self._stop.set()
