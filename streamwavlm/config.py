@@ -219,7 +219,10 @@ class WavLMConfig:
         xvector = None
         if any("XVector" in a for a in archs):
             tdnn = _ints(c, "tdnn_dim")
-            labels = c.get("num_labels") or len(c.get("id2label") or {}) or 2
+            id2label = c.get("id2label") or {}
+            if not isinstance(id2label, dict):  # len() of a number was a TypeError (found by test_fuzz.py)
+                raise ConfigError(f"unsupported config: id2label={id2label!r}: expected an object of labels")
+            labels = c.get("num_labels") or len(id2label) or 2
             xvector = XVectorConfig(
                 use_weighted_layer_sum=_bool(c, "use_weighted_layer_sum"),
                 projector_dim=tdnn[0],

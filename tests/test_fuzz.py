@@ -27,6 +27,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -245,6 +246,8 @@ embedding_payloads = st.one_of(
 @given(embedding_payloads)
 @example(b'{"format": "streamwavlm", "version": 1, "data": ' + b"[" * 100_000)  # RecursionError before
 @example(JSONS[0].replace(b'"seq": 7', b'"seq": Infinity'))  # OverflowError (int of infinity) before
+@example(BINARY[0].replace(b"\x05\x00mic-1", b"\x05\x00mic\x001"))  # a NUL in the stream id: decoded before
+@example(BINARY[0][:40] + struct.pack("<d", float("nan")) + BINARY[0][48:])  # NaN frame_rate: decoded before
 def check_embedding_payload(payload: bytes) -> None:
     for parse in (decode, decode_json, decode_any):
         msg = outcome(lambda parse=parse: parse(payload), WireError)  # type: ignore[misc]
@@ -294,6 +297,7 @@ hf_configs = st.one_of(_edited(GOOD_HF, HF_KEYS), json_values)
 @example({**GOOD_HF, "hidden_size": "64"}, None)  # a string where a number belongs
 @example({**GOOD_HF, "num_conv_pos_embedding_groups": 0}, None)  # ZeroDivisionError before
 @example([1, 2], None)  # config.json that is not an object
+@example({**GOOD_HF, "id2label": -1}, None)  # TypeError (len of a number) before
 @example({**GOOD_HF, "layer_norm_eps": float("nan")}, None)
 def check_hf_config(config: Any, preprocessor: Any) -> None:
     cfg = outcome(lambda: WavLMConfig.from_hf(config, preprocessor), ConfigError)

@@ -123,6 +123,7 @@ def decode(payload: bytes | bytearray | memoryview, *, max_size: int = DEFAULT_M
                            frame_rate=frame_rate, timestamp=timestamp, model_id=model_id,
                            layers=tuple(shape_layers[ndim:]), data=data.astype(dtype.newbyteorder("=")),
                            epoch=epoch)
+    _check_names_and_times(msg)
     _check_layout(msg, msg.data)
     _check_finite(msg.data, "received data")
     return msg
@@ -155,11 +156,7 @@ def _check_message(msg: EmbeddingMessage) -> np.ndarray:
                         ".astype(np.float16)")
     if not 1 <= data.ndim <= MAX_NDIM:
         raise WireError(f"data must have 1..{MAX_NDIM} dimensions, got shape {data.shape}")
-    try:
-        check_level(msg.stream_id, "stream_id")
-        check_level(msg.kind, "kind")
-    except ValueError as e:
-        raise WireError(str(e)) from None
+    _check_names_and_times(msg)
     for name in ("seq", "epoch"):
         value = getattr(msg, name)
         if not 0 <= value < 2**64:
@@ -168,11 +165,22 @@ def _check_message(msg: EmbeddingMessage) -> np.ndarray:
         raise WireError(f"first_frame {msg.first_frame} out of the int64 range")
     if len(msg.layers) > 255 or any(not -(2**15) <= int(x) < 2**15 for x in msg.layers):
         raise WireError(f"layers {msg.layers}: at most 255 ids, each in the int16 range")
-    if not (math.isfinite(msg.frame_rate) and math.isfinite(msg.timestamp)):
-        raise WireError(f"frame_rate {msg.frame_rate} and timestamp {msg.timestamp} must be finite")
     _check_layout(msg, data)
     _check_finite(data, "data")
     return data
+
+
+def _check_names_and_times(msg: EmbeddingMessage) -> None:
+    """The header fields the binary layout cannot rule out by itself: checked by the encoder and the decoder
+    alike, so that a subscriber never yields what no publisher could send (an empty or NUL stream id, a NaN
+    frame rate: found by tests/test_fuzz.py)."""
+    try:
+        check_level(msg.stream_id, "stream_id")
+        check_level(msg.kind, "kind")
+    except ValueError as e:
+        raise WireError(str(e)) from None
+    if not (math.isfinite(msg.frame_rate) and math.isfinite(msg.timestamp)):
+        raise WireError(f"frame_rate {msg.frame_rate} and timestamp {msg.timestamp} must be finite")
 
 
 def _check_layout(msg: EmbeddingMessage, data: np.ndarray) -> None:
