@@ -142,3 +142,20 @@ def test_cli_by_name_online_then_offline(fake_hub: FakeHub, tmp_path: Path) -> N
 def test_repo_ids() -> None:
     assert hub.is_repo_id("microsoft/wavlm-base-plus") and not hub.is_repo_id("wavlm-base-plus")
     assert not hub.is_repo_id("/abs/path") and not hub.is_repo_id("a/b/c")
+
+
+def test_embed_with_the_default_model_name(fake_hub: FakeHub, hf_models) -> None:
+    """The README's three lines: ``streamwavlm.embed(audio)`` fetches wavlm-base-plus by name, once."""
+    import streamwavlm
+    from streamwavlm.embedding import _named_model
+
+    _named_model.cache_clear()
+    wav = torch.randn(8000, generator=torch.Generator().manual_seed(1)) * 0.1
+    e = streamwavlm.embed(wav, device="cpu")
+    with torch.no_grad():
+        ref = load_model(hf_models["base"][1])(wav[None]).last_hidden_state[0]
+    torch.testing.assert_close(e.hidden_states[0], ref, rtol=1e-4, atol=1e-5)
+    n = len(fake_hub.requests)
+    streamwavlm.embed(wav, device="cpu")
+    assert len(fake_hub.requests) == n  # loaded once per process
+    _named_model.cache_clear()
