@@ -98,6 +98,13 @@ def _fetch(repo: str, name: str, cache_dir: Path | None, force: bool, progress: 
         raise NetworkError(_missing_line(repo, why, cache_dir)) from e
     except HfHubHTTPError as e:
         raise DownloadError(f"{repo}/{name}: {_first_line(e)}") from e
+    except Exception as e:
+        # a transfer cut off after huggingface_hub's own retries raises its HTTP library's error (httpx2 in
+        # huggingface_hub 2.x, httpx in 1.x); its .incomplete file stays and the next run resumes it
+        if not type(e).__module__.startswith("httpx"):
+            raise
+        raise NetworkError(f"{repo}/{name}: the transfer was interrupted ({_first_line(e)}); run the same "
+                           "command again to resume") from e
     return Path(path)
 
 

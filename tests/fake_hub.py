@@ -23,6 +23,7 @@ LFS_FROM = 10_000  # files at least this large are served as LFS files
 class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
     claimed_sha256: dict[str, str] = field(default_factory=dict)  # lie about a file's hash (corruption tests)
+    cut_after: dict[str, int] = field(default_factory=dict)  # send only this many body bytes, then close
 
 
 def git_blob_id(data: bytes) -> str:
@@ -64,7 +65,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("ETag", f'"{git_blob_id(data)}"')
         self.end_headers()
         if body:
-            self.wfile.write(data)
+            cut = repo.cut_after.get(name)  # type: ignore[union-attr]
+            self.wfile.write(data if cut is None else data[:cut])
+            if cut is not None:
+                self.close_connection = True
 
 
 class FakeHub:

@@ -107,6 +107,20 @@ def test_a_file_that_is_not_what_the_hub_declared_is_deleted(fake_hub: FakeHub, 
     assert dl.cached_path("test-org/wavlm-tiny") is None
 
 
+def test_an_interrupted_transfer_is_one_line_and_resumes(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setattr(time, "sleep", lambda _s: None)  # huggingface_hub waits 1 s between its retries
+    repo = fake_hub.repos["test-org/wavlm-tiny"]
+    repo.cut_after["model.safetensors"] = 20_000
+    with pytest.raises(dl.NetworkError, match="interrupted") as e:
+        dl.download("test-org/wavlm-tiny", progress=False)
+    assert "\n" not in str(e.value)
+    del repo.cut_after["model.safetensors"]
+    path = dl.download("test-org/wavlm-tiny", progress=False)
+    assert dl.verify("test-org/wavlm-tiny") == path
+
+
 def test_verify_rehashes_the_cached_blobs(fake_hub: FakeHub) -> None:
     path = dl.download("test-org/wavlm-tiny", progress=False)
     assert dl.verify("test-org/wavlm-tiny") == path
