@@ -29,7 +29,7 @@ from .window import Window
 @dataclass(frozen=True)
 class ClusterSettings:
     # defaults: tuned for resemblyzer on the development espeak-ng conversations (docs/benchmarks.md)
-    new_threshold: float = 0.82  # cosine below which a window does not belong to a known speaker
+    new_threshold: float = 0.8  # cosine below which a window does not belong to a known speaker
     update_threshold: float = 0.85  # cosine from which a window updates its speaker's centroid
     merge_threshold: float = 0.88  # centroids at least this similar are one speaker
     hysteresis: float = 0.0  # cosine margin another speaker needs to take over from the current one

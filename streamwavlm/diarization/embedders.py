@@ -75,25 +75,26 @@ class ResemblyzerEmbedder:
         with torch.inference_mode():
             return self._encoder(_mel(audio)).numpy()
 
-    def push(self, samples: np.ndarray, want: Callable[[float, float], bool] = lambda a, b: True) -> list[Window]:
-        """Append audio (16 kHz float32); return the windows completed, skipping those ``want(start, end)``
-        declines (e.g. mostly silence: not worth the encoder's time)."""
+    def push(self, samples: np.ndarray, select: Callable[[int, int], int | None] = lambda a, b: a) -> list[Window]:
+        """Append audio (16 kHz float32); return the windows completed. ``select(start, end)`` (stream
+        samples) may move a window's start later (to leave out the end of the previous turn) or decline it
+        with None (mostly silence: not worth the encoder's time)."""
         self._audio = np.concatenate([self._audio, np.asarray(samples, np.float32)])
         spans = []
         while self._first + len(self._audio) >= self._next_end:
-            start = self._next_end - self.window
-            if want(start / SAMPLE_RATE, self._next_end / SAMPLE_RATE):
-                spans.append(start)
+            start = select(self._next_end - self.window, self._next_end)
+            if start is not None:
+                spans.append((start, self._next_end))
             self._next_end += self.hop
         windows = []
-        if spans:
-            vectors = self.embed([self._audio[a - self._first:a - self._first + self.window] for a in spans])
-            windows = [Window(a / SAMPLE_RATE, (a + self.window) / SAMPLE_RATE, v) for a, v in zip(spans, vectors,
-                                                                                                 strict=True)]
+        for length in sorted({b - a for a, b in spans}):  # one batched forward per window length
+            group = [(a, b) for a, b in spans if b - a == length]
+            vectors = self.embed([self._audio[a - self._first:b - self._first] for a, b in group])
+            windows += [Window(a / SAMPLE_RATE, b / SAMPLE_RATE, v) for (a, b), v in zip(group, vectors, strict=True)]
         keep = self._next_end - self.window - self._first
         if keep > 0:
             self._audio, self._first = self._audio[keep:], self._first + keep
-        return windows
+        return sorted(windows, key=lambda w: w.end)
 
 
 def windows_from_output(out: EngineOutput, window_frames: int, hop_samples: int) -> list[Window]:

@@ -99,3 +99,18 @@ def make_vad(kind: VadKind = "auto") -> SileroVad | EnergyVad:
             raise ValueError(f"silero-vad is not installed ({e}); pip install silero-vad, or use --vad energy") from e
         log.warning("silero-vad is not installed (%s); using the energy speech detector", e)
         return EnergyVad()
+
+
+def speech_span(flags: np.ndarray, start: int, end: int, min_speech: float, min_tail: float = 0.5) -> int | None:
+    """Where a window over samples ``[start, end)`` should begin, given the VAD ``flags`` of the stream's
+    frames from frame 0: None when less than ``min_speech`` of it is speech; after its last pause when the
+    speech since that pause lasts at least ``min_tail`` seconds (the window would otherwise mix the end of
+    the previous turn into the new one); else ``start``."""
+    a, b = start // FRAME, end // FRAME
+    span = flags[a:b]
+    if not len(span) or span.mean() < min_speech:
+        return None
+    pauses = np.flatnonzero(~span)
+    if len(pauses) and (len(span) - 1 - pauses[-1]) * FRAME_SECONDS >= min_tail and span[: pauses[-1]].any():
+        return (a + int(pauses[-1]) + 1) * FRAME
+    return start
