@@ -54,6 +54,13 @@ def crash_and_restart(broker: Mosquitto) -> None:
     broker.start()
 
 
+async def saved_after(broker: Mosquitto, t: float) -> None:
+    """Wait until the broker has saved its database after wall time ``t`` (so a crash keeps the session;
+    mosquitto saves every ``autosave_interval`` seconds, a little later on a busy machine)."""
+    db = broker.workdir / "mosquitto.db"
+    await eventually(lambda: db.exists() and db.stat().st_mtime > t)
+
+
 async def eventually(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -79,7 +86,7 @@ def test_subscriber_gets_every_seq_across_a_broker_crash(tmp_path: Path, session
 
         task = asyncio.create_task(consume())
         await asyncio.wait_for(subscribed.wait(), 5)
-        await asyncio.sleep(AUTOSAVE + 0.5)  # the session is in the database
+        await saved_after(broker, time.time())  # the session is in the database
         async with Publisher(broker.url, status_interval=None, timeout=2.0, **PUBLISHER) as pub:
             await publish(pub, range(0, 20))
             await eventually(lambda: len(items) >= 20)
@@ -130,7 +137,8 @@ def test_listen_with_a_session_prints_every_seq_across_a_broker_crash(tmp_path: 
         while "as listen-test" not in broker.log_file.read_text(errors="replace"):  # connected (imports: s)
             assert time.monotonic() < deadline and proc.poll() is None
             await asyncio.sleep(0.05)
-        await asyncio.sleep(AUTOSAVE + 0.5)
+        await asyncio.sleep(0.2)  # its SUBSCRIBE follows the connect within milliseconds
+        await saved_after(broker, time.time())
         async with Publisher(broker.url, status_interval=None, timeout=2.0, **PUBLISHER) as pub:
             await publish(pub, range(0, 20))
             await asyncio.wait_for(read_until(20), 10)

@@ -149,11 +149,15 @@ async def subscribe(
     ``Status`` reports when ``"status"`` is among ``kinds``. See the module docstring for the policies.
 
     ``stream`` is a stream id or ``+`` for all; ``session`` is a client id for a persistent session
-    (kept by the broker ``session_expiry`` seconds); ``queue_size`` bounds the messages received but not
-    yet consumed (beyond it they are discarded and show up as gaps); ``connect_timeout=None`` retries the
-    first connection forever. ``on_subscribed`` is called after every (re)subscription, e.g. to log it or
-    to start publishing only once someone listens.
+    (kept by the broker ``session_expiry`` seconds, and needing ``qos`` >= 1: a broker queues nothing at
+    QoS 0 for an absent client, so the option would silently do nothing); ``queue_size`` bounds the
+    messages received but not yet consumed (beyond it they are discarded and show up as gaps);
+    ``connect_timeout=None`` retries the first connection forever. ``on_subscribed`` is called after every
+    (re)subscription, e.g. to log it or to start publishing only once someone listens.
     """
+    if session is not None and qos < 1:
+        raise ValueError(f"a persistent session needs qos 1 or 2 (got {qos}): at QoS 0 the broker queues "
+                         "nothing while the subscriber is away")
     conn = Connection.create(broker, username=username, password=password, protocol=protocol, tls=tls,
                              timeout=timeout, keepalive=keepalive)
     filters = [(f, qos) for f in topics.filters(prefix, stream, kinds)]
