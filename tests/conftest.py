@@ -102,3 +102,18 @@ def mosquitto(tmp_path):
         pytest.skip("mosquitto not installed (apt mosquitto)")
     with Mosquitto(workdir=tmp_path / "broker") as broker:
         yield broker
+
+
+def password_broker_config(directory: Path, users: dict[str, str]) -> list[str]:
+    """mosquitto config lines for a broker that admits only ``users`` (a password file written with
+    mosquitto_passwd); skips the test where that tool is missing."""
+    import subprocess
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd not installed (apt mosquitto)")
+    directory.mkdir(parents=True, exist_ok=True)
+    passwd = directory / "passwd"
+    for i, (user, password) in enumerate(users.items()):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],
+                       check=True)
+    return ["allow_anonymous false", f"password_file {passwd}"]

@@ -724,11 +724,10 @@ def test_mqtt5_to_a_311_only_broker_is_a_clear_error() -> None:
 
 
 @needs_mosquitto
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
 def test_credentials_from_url_and_refusal(tmp_path: Path) -> None:
-    pw = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "engine", "s3:cret"], check=True)
-    config = ["allow_anonymous false", f"password_file {pw}"]
+    from conftest import password_broker_config
+
+    config = password_broker_config(tmp_path / "auth", {"engine": "s3:cret"})
     with Mosquitto(workdir=tmp_path / "b", extra_config=config) as b:
         async def body() -> None:
             good = f"mqtt://engine:s3%3Acret@127.0.0.1:{b.port}"

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import subprocess
 
 import aiomqtt
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import password_broker_config
 from test_engine import SETTINGS, collect, solo_frames
 
 from streamwavlm.audio.mqtt_audio import MqttAudioInput, publish_file
@@ -131,7 +130,6 @@ def test_stream_command_takes_two_mqtt_audio_streams(hf_models, model, speech, t
         assert final.info["state"] == "closed" and final.info["frames_out"] == len(want), final
 
 
-@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="mosquitto_passwd not installed")
 def test_mqtt_audio_input_uses_the_shared_connection(tmp_path) -> None:
     """Credentials in the URL, MQTT 3.1.1 by query, and the shared connection's refusal message."""
     from streamwavlm.mqtt import Mosquitto
@@ -140,9 +138,7 @@ def test_mqtt_audio_input_uses_the_shared_connection(tmp_path) -> None:
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto not installed (apt mosquitto)")
-    pw = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "mic", "pa:ss"], check=True)
-    config = ["allow_anonymous false", f"password_file {pw}"]
+    config = password_broker_config(tmp_path / "auth", {"mic": "pa:ss"})
     with Mosquitto(workdir=tmp_path / "b", extra_config=config) as broker:
         async def body() -> None:
             url = f"mqtt://mic:pa%3Ass@127.0.0.1:{broker.port}?protocol=3.1.1"
