@@ -55,9 +55,11 @@ def runs(labels: list[FrameLabel], first: int, frame: float) -> list[Turn]:
 
 
 class TurnTracker:
-    """Turns the frame timeline into events; call ``update`` after each diarizer step."""
+    """Turns the frame timeline into events; call ``update`` after each diarizer step. A growing turn is
+    reported every ``step`` seconds of growth (not at every audio chunk); a label change at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, step: float = 0.5) -> None:
+        self.step = step
         self._next = 0
         self._announced: dict[float, tuple[int, Turn]] = {}  # provisional turns by start time
 
@@ -80,7 +82,7 @@ class TurnTracker:
             if old is None:
                 self._announced[t.start] = (self._id(t), t)
                 events.append(TurnEvent("start", self._announced[t.start][0], t.label, t.start, t.end, t.confidence))
-            elif old[1] != t:
+            elif old[1].label != t.label or old[1].start != t.start or abs(old[1].end - t.end) >= self.step:
                 self._announced[t.start] = (old[0], t)
                 events.append(TurnEvent("update", old[0], t.label, t.start, t.end, t.confidence))
         for start in [s for s in self._announced if s not in seen]:
