@@ -48,7 +48,7 @@ from streamwavlm.mqtt.wire import WireError, decode, decode_any, decode_json, en
 
 FUZZ_EXAMPLES = int(os.environ.get("STREAMWAVLM_FUZZ_EXAMPLES", "300"))
 HEAVY_EXAMPLES = 10_000
-PER_INPUT_SECONDS = 2.0  # a "hang": any single input taking longer fails the test
+PER_INPUT_SECONDS = 10.0  # a "hang": any single input taking longer fails (the slowest seen: 3 s, under load)
 
 PROFILES = {
     "default": settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
