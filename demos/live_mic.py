@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from collections import deque
 
@@ -25,6 +24,8 @@ from streamwavlm.audio.level import Metered
 from streamwavlm.audio.microphone import MicrophoneSource, list_devices
 from streamwavlm.audio.validate import AudioError
 from streamwavlm.checkpoint import model_from_setting
+from streamwavlm.cli import one_line
+from streamwavlm.commands.signals import exit_now, guarded, stop_event
 from streamwavlm.engine import Engine, EngineOutput
 from streamwavlm.streaming import StreamPool, StreamSettings
 
@@ -86,21 +87,21 @@ async def run(args: argparse.Namespace) -> int:
     view = View(description.split(":")[0], settings.latency_ms(model.cfg))
     console = Console()
     mic = MicrophoneSource(args.device, block=800)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, stop.set)
+    stop = stop_event()  # Ctrl-C / SIGTERM: stop cleanly, and within 2 s whatever happens
     if args.seconds:
-        loop.call_later(args.seconds, stop.set)
+        asyncio.get_running_loop().call_later(args.seconds, stop.set)
     async with Engine(StreamPool(model, settings), [view.sink]) as engine, mic:
         engine.add(Metered(mic, view.level), "mic")
         with Live(view.render(engine), console=console, refresh_per_second=4, transient=False) as live:
-            while not stop.is_set():
+            while not stop.is_set() and engine.streams:  # the stream ends early if the microphone is lost
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
                 live.update(view.render(engine))
         await mic.close()
         await engine.drain()
         status = engine.status()
+    if status[0]["error"]:
+        raise AudioError(str(status[0]["error"]))
     console.print(f"stopped cleanly: {view.frames} frames, dropped {status[0]['dropped']} samples")
     return 0
 
@@ -125,11 +126,15 @@ def main() -> int:
     if args.device is not None and args.device.isdigit():
         args.device = int(args.device)
     torch.set_grad_enabled(False)
-    try:
-        return asyncio.run(run(args))
-    except AudioError as e:  # no such device, no device at all
-        print(f"live_mic: {e}", file=sys.stderr)
-        return 2
+    with guarded("live_mic") as signalled:
+        try:
+            code = asyncio.run(run(args))
+        except AudioError as e:  # no such device, no device at all, the microphone lost
+            print(f"live_mic: {one_line(e)}", file=sys.stderr)
+            code = 2
+    if signalled():
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -221,3 +221,32 @@ def test_microphone_lost_mid_stream_ends_stream_non_zero_in_one_line(pulse_mic, 
     last = err.strip().splitlines()[-1]
     assert last.startswith("streamwavlm stream: error: mic: microphone lost") and "start again" in last, err
     assert seconds < 5.0, seconds  # not at --seconds 60
+
+
+def recording(pulse_env: dict[str, str]) -> bool:
+    """Whether a client records from the fake microphone's PulseAudio server now."""
+    listed = subprocess.run(["pactl", "list", "short", "source-outputs"], capture_output=True, text=True,
+                            env={**os.environ, **pulse_env}, timeout=10)
+    return bool(listed.stdout.strip())
+
+
+@pytest.mark.heavy
+def test_live_mic_demo_says_microphone_lost_in_one_line(pulse_mic, tiny: str) -> None:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "demos" / "live_mic.py"), "--device", "pulse",
+                             "--checkpoint", tiny, "--seconds", "60"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, **pulse_mic.env})
+    try:
+        deadline = time.monotonic() + 60
+        while not recording(pulse_mic.env):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.2)
+        time.sleep(1.0)
+        pulse_mic.crash()
+        code = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert code == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("live_mic: microphone lost"), err
