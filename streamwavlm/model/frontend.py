@@ -56,13 +56,15 @@ class FrontEnd(nn.Module):
             for conv in self.convs[1:]
         ] if precision == "bfloat16" and torch.backends.mkldnn.is_available() else []
 
-    def _conv(self, i: int, x: Tensor) -> Tensor:
+    def _conv(self, i: int, x: Tensor, low: bool, gelu: bool) -> Tensor:
+        """Convolution ``i``; with ``low``, convs 1.. in bf16, followed by a GELU fused into it if ``gelu``."""
         conv = self.convs[i]
-        if i == 0 or not self.low or torch.is_grad_enabled() or x.device.type != "cpu":
-            return conv(x)
+        if i == 0 or not low:
+            return F.gelu(conv(x)) if gelu else conv(x)
         weight, bias = self.low[i - 1]
         return torch.ops.mkldnn._convolution_pointwise(
-            x.bfloat16()[:, :, None], weight, bias, [0, 0], [1, conv.stride[0]], [1, 1], 1, "none", [], "")[:, :, 0]
+            x.bfloat16()[:, :, None], weight, bias, [0, 0], [1, conv.stride[0]], [1, 1], 1,
+            "gelu" if gelu else "none", [], "none" if gelu else "")[:, :, 0]
 
     @property
     def group_norm(self) -> bool:
@@ -86,11 +88,14 @@ class FrontEnd(nn.Module):
         if self.cfg.num_frames(wav.shape[-1]) == 0:  # too short for one frame: no frames, not an error
             return wav.new_zeros(wav.shape[0], 0, self.cfg.conv_dim)
         x = wav[:, None, :]
+        low = bool(self.low) and not torch.is_grad_enabled() and wav.device.type == "cpu"
         for i in range(len(self.convs)):
-            x = self._conv(i, x)
+            plain = self.group_norm and i > 0  # conv then GELU, no norm between: one fused op
+            x = self._conv(i, x, low, gelu=plain)
+            if plain:
+                continue
             if self.group_norm:
-                if i == 0:
-                    x = self._group_norm(x, stats(x.transpose(1, 2)) if callable(stats) else stats)
+                x = self._group_norm(x, stats(x.transpose(1, 2)) if callable(stats) else stats)
             else:
                 norm = self.norms[i]
                 x = F.layer_norm(x.to(wav.dtype).transpose(1, 2), (x.shape[1],), norm.weight, norm.bias,
