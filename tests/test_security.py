@@ -345,6 +345,51 @@ def test_stream_command_takes_the_token_from_option_or_environment(monkeypatch: 
     assert build_parser().parse_args(base).ws_token == "from-env"
 
 
+def test_stream_command_with_a_token_serves_only_clients_that_send_it(hf_models, mosquitto, capsys) -> None:
+    """``streamwavlm stream --input ws://... --ws-token T``: a client without the token is refused, one with it
+    gets its embeddings published, the command itself goes on."""
+    from test_engine_faults import command, wait_for_output
+
+    from streamwavlm.cli import build_parser
+    from streamwavlm.commands.stream import stream
+    from streamwavlm.mqtt import EmbeddingMessage, subscribe
+    from streamwavlm.mqtt.broker import free_port
+
+    _, directory = hf_models["base"]
+    url = f"ws://127.0.0.1:{free_port()}"
+    stop = asyncio.Event()
+    frames: dict[str, int] = {}
+
+    async def listen(subscribed: asyncio.Event) -> None:
+        async with contextlib.aclosing(subscribe(mosquitto.url, "out", on_subscribed=subscribed.set)) as items:
+            async for item in items:
+                if isinstance(item, EmbeddingMessage):
+                    frames[item.stream_id] = frames.get(item.stream_id, 0) + item.frames
+
+    async def clients() -> tuple[str, dict[str, Any]]:
+        await wait_for_output(capsys, "accepting audio streams")
+        with pytest.raises(AudioError) as refused:
+            await send_audio(url, SPEECHLIKE[:1600, None], 16000, "anon")
+        done = await send_audio(url, SPEECHLIKE[:, None], 16000, "member", token="t0ken")
+        await asyncio.sleep(0.5)
+        stop.set()
+        return str(refused.value), done
+
+    async def main() -> tuple[str, dict[str, Any]]:
+        subscribed = asyncio.Event()
+        listener = asyncio.create_task(listen(subscribed))
+        await asyncio.wait_for(subscribed.wait(), 10)
+        sending = asyncio.create_task(clients())
+        argv = command(directory, mosquitto.url, url, "--ws-token", "t0ken")
+        assert await stream(build_parser().parse_args(argv), stop) == 0
+        listener.cancel()
+        return await sending
+
+    refused, done = run(main(), timeout=90)
+    assert "unauthorized: a token is required" in refused
+    assert done["samples_in"] == len(SPEECHLIKE) and frames["member"] > 40 and "anon" not in frames
+
+
 # ---------------------------------------------------------------- MQTT
 
 def _mosquitto_tools() -> str | None:
