@@ -29,7 +29,7 @@ from ..engine import Engine
 from ..mqtt import BrokerUnavailable, EmbeddingMessage, Status, subscribe
 from ..streaming import StreamPool, XVectorSettings
 from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
-from .stream import _sources
+from .stream import _sources, check_input
 
 
 def add_diarization_options(p: argparse.ArgumentParser) -> None:
@@ -152,20 +152,10 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
-def _check_file(path: str) -> None:
-    """Refuse an unreadable input before the engine starts (there it would only end its own stream)."""
-    import soundfile
-
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such audio file")
-    try:
-        soundfile.info(path)
-    except (RuntimeError, soundfile.LibsndfileError) as e:
-        raise ValueError(f"{path}: cannot read audio ({e}); is it a WAV/FLAC/OGG file?") from None
-
-
 async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSettings) -> None:
     torch.set_grad_enabled(False)
+    spec = args.input or str(bundled_sample())
+    check_input(spec)  # before the model loads: a bad file, device or broker is said at once, in one line
     model, description = model_from_setting(args.checkpoint)
     settings = settings_from_args(args, model.cfg)
     if args.backend == "wavlm":
@@ -173,9 +163,6 @@ async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSet
         settings.validate(model.cfg)
         session.hop_samples = model.cfg.hop
     print(f"model: {description}", file=sys.stderr)
-    spec = args.input or str(bundled_sample())
-    if not spec.startswith(("ws://", "mqtt://", "mic")):
-        _check_file(spec)
     pool = StreamPool(model, settings, capacity=16)
     deadline = time.monotonic() + args.seconds if args.seconds else None
     async with Engine(pool, [session.sink]) as engine:
@@ -185,7 +172,9 @@ async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSet
 
         acceptor = asyncio.create_task(accept())
         network = spec.startswith(("ws://", "mqtt://"))
-        while (network or not acceptor.done() or engine.streams) and (deadline is None or time.monotonic() < deadline):
+        # a network input runs until --seconds, unless its server or broker fails (the acceptor ends)
+        while (not acceptor.done() or (not network and engine.streams)) and (
+                deadline is None or time.monotonic() < deadline):
             await asyncio.sleep(0.1)
         if acceptor.done() and acceptor.exception():
             raise acceptor.exception()  # type: ignore[misc]
