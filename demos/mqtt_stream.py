@@ -39,8 +39,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from streamwavlm.cli import build_parser
-from streamwavlm.commands.common import bundled_sample
+from streamwavlm.cli import build_parser, one_line
+from streamwavlm.commands.common import bundled_sample, check_reachable
 from streamwavlm.commands.stream import stream
 from streamwavlm.mqtt import BrokerUnavailable, EmbeddedBroker, EmbeddingMessage, Gap, Status, subscribe
 from streamwavlm.mqtt.message import EMBEDDINGS, ENGINE_ID
@@ -263,16 +263,14 @@ async def run(args: argparse.Namespace) -> int:
         broker = args.broker or os.environ.get("STREAMWAVLM_MQTT", "mqtt://127.0.0.1:1883")
         if args.demo and args.broker is None:
             broker = await stack.enter_async_context(EmbeddedBroker())
+        else:
+            check_reachable(broker)  # nothing listening there: say so now, not after the connect timeout
         publisher = (f"streamwavlm stream --input {bundled_sample().name} --realtime (looped) -> {broker}"
                      if args.demo else None)
         view = View(f"{broker} {args.prefix}/{args.stream}/embeddings", args.window, publisher)
         subscribed = asyncio.Event()
         receiver = asyncio.create_task(receive(broker, args, view, subscribed.set))
-        try:
-            await until_subscribed(subscribed, receiver)
-        except BrokerUnavailable as e:
-            console.print(f"[red]{e}[/]")
-            return 2
+        await until_subscribed(subscribed, receiver)
         with Live(view.render(console.width), console=console, auto_refresh=False, transient=False) as live:
             publishing = (asyncio.create_task(publish_demo(broker, args, stop, view.publisher_log))
                           if args.demo else None)
@@ -335,6 +333,9 @@ def main() -> int:
         return asyncio.run(run(args))
     except KeyboardInterrupt:  # Ctrl-C before the event loop took the signal over (while importing)
         return 0
+    except (BrokerUnavailable, ValueError) as e:  # the broker cannot be reached, a malformed URL
+        print(f"mqtt_stream: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

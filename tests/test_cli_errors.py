@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import wave
 from collections.abc import Callable, Iterator
@@ -156,3 +157,16 @@ def test_installed_entry_point_refuses_an_unreachable_broker_in_one_line(files: 
                            "--seconds", "30"], capture_output=True, text=True, timeout=60)
     assert_one_line(proc.returncode, proc.stderr, "refused")
     assert time.monotonic() - t0 < 30  # imports only (a few seconds), no broker wait, no --seconds
+
+
+@pytest.mark.parametrize("broker,needle", [("http://x", "scheme 'http'"), ("refused", "refused")])
+def test_mqtt_stream_demo_refuses_a_bad_broker_in_one_line(broker: str, needle: str) -> None:
+    """The demo's own command line: a malformed URL (was a traceback) or nothing listening (was a 15 s wait
+    and a message wrapped over several lines of stdout)."""
+    url = f"mqtt://127.0.0.1:{free_port()}" if broker == "refused" else broker
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "demos" / "mqtt_stream.py"), "--broker", url],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("mqtt_stream: ") and proc.stderr.count("\n") == 1 and needle in proc.stderr
+    assert time.monotonic() - t0 < 30  # imports only
