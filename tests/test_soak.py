@@ -4,8 +4,8 @@ closing throughout, keeps resident memory, file descriptors, threads and asyncio
 Run with ``make test-heavy`` (or ``pytest -m heavy tests/test_soak.py -s`` to see the report). The slope is
 fitted over the second half: resident memory first grows while oneDNN (through torch's ideep) compiles and
 caches a primitive per new input shape (the last step of each stream has a length of its own), up to its
-cache's capacity (``LRU_CACHE_CAPACITY``, 1024 entries); with that set to 16 the curve is flat after the first
-streams. The figures go to docs/reliability.md.
+cache's capacity, which the engine sets to 64 entries (``LRU_CACHE_CAPACITY``; torch's default 1024 kept
+growing for the whole run). The figures go to docs/reliability.md.
 """
 
 from __future__ import annotations
