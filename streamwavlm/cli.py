@@ -1,4 +1,8 @@
-"""The ``streamwavlm`` command line: one subcommand per module, each registering its own parser."""
+"""The ``streamwavlm`` command line: one subcommand per module, each registering its own parser.
+
+This module imports only the standard library at the top: :func:`main` takes Ctrl-C over first and only then
+imports the commands (torch and the rest, seconds), so that a Ctrl-C while they load is one line too.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,7 @@ import importlib
 import sys
 from typing import NoReturn
 
-from .audio.validate import AudioError
-from .checkpoint import CheckpointError
-from .commands.signals import exit_now, guarded
-from .config import ConfigError
-from .mqtt.broker import BrokerError
+from .commands.signals import exit_now, guarded, rename
 
 # modules that define ``add_parser(subparsers)``; each parser sets ``func(args) -> int``
 COMMAND_MODULES = (
@@ -45,32 +45,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# what a user's mistake or environment raises (a bad file, setting or broker): one line on stderr, exit 2.
-# OSError covers unreadable and unwritable paths, and BrokerUnavailable (a ConnectionError).
-USER_ERRORS = (CheckpointError, ConfigError, AudioError, ValueError, BrokerError, OSError)
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user's mistake or environment raises (a bad file, setting or broker): one line on stderr, exit
+    2. OSError covers unreadable and unwritable paths, and BrokerUnavailable (a ConnectionError)."""
+    from .audio.validate import AudioError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .mqtt.broker import BrokerError
+
+    return CheckpointError, ConfigError, AudioError, ValueError, BrokerError, OSError
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A user error is one line on stderr and exit 2, never a traceback; Ctrl-C or SIGTERM
     ends any command within 2 s (exit 130/143, or 0 where the command stops cleanly, like ``stream``)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    prog = f"streamwavlm {args.command}"
+    prog = "streamwavlm"
     with guarded(prog) as signalled:
         try:
-            code = int(args.func(args) or 0)
-        except USER_ERRORS as e:
-            print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-            code = 2
-        except KeyboardInterrupt:
+            parser = build_parser()  # imports every command: torch, ... (seconds)
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            prog = f"streamwavlm {args.command}"
+            rename(prog)
+            code = _run(args, prog)
+        except KeyboardInterrupt:  # before the command took the signal over, or a synchronous command
             print(f"{prog}: interrupted", file=sys.stderr)
             code = 130
     if signalled():  # stopped by Ctrl-C or SIGTERM, and cleaned up: leave now
         exit_now(code)
     return code
+
+
+def _run(args: argparse.Namespace, prog: str) -> int:
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 def one_line(error: BaseException) -> str:

@@ -128,6 +128,12 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def rename(prog: str) -> None:
+    """The name the forced-exit line starts with, once the command is known."""
+    if _guard is not None:
+        _guard.prog = prog
+
+
 def stop_event() -> asyncio.Event:
     """An event the first SIGINT/SIGTERM sets (instead of raising KeyboardInterrupt); call it from the
     running loop of an async command. Without :func:`guarded` (a library caller) it is only set by the
