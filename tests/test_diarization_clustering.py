@@ -17,8 +17,10 @@ from streamwavlm.diarization.synthetic import conversation
 from streamwavlm.diarization.window import Window
 
 SEEDS = range(4)  # 4 conversations of 5 minutes, 2-5 speakers each
-# the new-speaker threshold for the synthetic similarity scale, tuned on seeds 100-102 (not these)
-SYNTHETIC = ClusterSettings().with_threshold(0.8)
+# thresholds for the synthetic similarity scale, tuned at 2 s latency on seeds 100-105 (not these) by
+# benchmarks/bench_diarization.py: ours 0.85, the baseline's delta_new 0.2
+SYNTHETIC = ClusterSettings().with_threshold(0.85)
+BASELINE = BaselineSettings(delta_new=0.2)
 
 
 def run(conv, clustering, latency):
@@ -37,11 +39,11 @@ def conversations():
     return [conversation(seed) for seed in SEEDS]
 
 
-# Upper bounds: DER measured on these seeds (ours 8.9 / 2.1 / 1.2 / 1.0 %, the baseline 15.8 / 8.4 / 7.1 /
-# 7.1 %; held-out numbers in docs/benchmarks.md) plus a margin for platform differences. At 0.5 s the
+# Upper bounds: DER measured on these seeds (ours 10.3 / 4.0 / 2.6 / 2.0 %, the baseline 12.8 / 5.0 / 3.7 /
+# 3.7 %; held-out numbers in docs/benchmarks.md) plus a margin for platform differences. At 0.5 s the
 # clustering has no lookahead and a frame is labelled by a window ending 0.5 s after it, which still holds
 # the previous turn: turn starts are labelled late.
-BOUNDS = {0.5: 0.12, 1.0: 0.035, 2.0: 0.025, 5.0: 0.025}
+BOUNDS = {0.5: 0.12, 1.0: 0.05, 2.0: 0.035, 5.0: 0.03}
 
 
 @pytest.mark.parametrize("latency", sorted(BOUNDS))
@@ -49,9 +51,7 @@ def test_clustering_beats_the_diart_baseline(conversations, latency):
     ours, base = Score(), Score()
     for conv in conversations:
         ours = ours.add(score(conv.reference, run(conv, OnlineClustering(SYNTHETIC), latency)[0].segments()))
-        # delta_new 0.15: the baseline's best on the development seeds (benchmarks/bench_diarization.py)
-        baseline = IncrementalClustering(BaselineSettings(delta_new=0.15))
-        base = base.add(score(conv.reference, run(conv, baseline, latency)[0].segments()))
+        base = base.add(score(conv.reference, run(conv, IncrementalClustering(BASELINE), latency)[0].segments()))
     assert ours.der <= BOUNDS[latency]
     assert ours.der < base.der
 
