@@ -141,7 +141,7 @@ class View:
         self.source = source
         self.window = window
         self.publisher = publisher  # what publishes in this process (--demo), if anything
-        self.publisher_log = Lines(4)
+        self.publisher_log = Lines(6)
         self.streams: dict[str, StreamView] = {}
         self.engine = "no status yet"
         self.stats = SubscriberStats()
