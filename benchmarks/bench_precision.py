@@ -11,7 +11,9 @@ the machine hits all of them alike; only ratios within this run mean anything. S
 5. int8 per layer type: one type at a time in int8, the rest fp32 (which layers are sensitive);
 6. where a one-stream C=16 run spends its time in each precision (torch profiler, self time per op).
 
-Run: ``.venv/bin/python benchmarks/bench_precision.py [--seconds 10] [--repeats 3] [--out FILE]``.
+Run: ``OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/bench_precision.py [--out FILE]`` (passive OpenMP
+threads: on a machine shared with other work, spinning threads make every small op wait for a descheduled
+partner, which slows a streaming step up to 5x and would measure the neighbours, not the paths).
 """
 
 from __future__ import annotations
@@ -28,26 +30,24 @@ import torch.nn.functional as F
 from bench_streaming import stream_latency
 from common import cpu_report, finish, hf_model, ours_from_hf, speech
 
+from streamwavlm.checkpoint import load_model
 from streamwavlm.model.linear import PRECISIONS, Linear, linear, pack, packing
+from streamwavlm.model.wavlm import WavLM
 from streamwavlm.precision import apply, choose_auto, conv_precision, missing, native_precisions
 from streamwavlm.precision_fidelity import measure_precision
-from streamwavlm.streaming import StreamSettings
+from streamwavlm.streaming import StreamPool, StreamSettings
 from streamwavlm.streaming.fidelity import compare
 
 C16 = StreamSettings(chunk=16, left=250)
 
 
-def interleaved(cands: dict[str, Callable[[], object]], repeats: int,
-                setup: Callable[[str], None] = lambda _k: None) -> dict[str, float]:
-    """Median seconds per candidate; one untimed warm-up call each, then ``repeats`` rounds over all.
-    ``setup(name)`` runs untimed before each call (switching the model's precision)."""
-    for k, fn in cands.items():
-        setup(k)
+def interleaved(cands: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per candidate; one untimed warm-up call each, then ``repeats`` rounds over all."""
+    for fn in cands.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in cands}
     for _ in range(repeats):
         for k, fn in cands.items():
-            setup(k)
             start = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - start)
@@ -127,11 +127,34 @@ def profile(model, wav: torch.Tensor, paths: list[str], top: int = 10) -> list[s
     return lines
 
 
+def stepped_together(models: dict[str, WavLM], wavs: list[torch.Tensor], settings: StreamSettings,
+                     skip: int = 3) -> dict[str, float]:
+    """Median milliseconds of one step of ``len(wavs)`` streams, per model; the models take turns on every
+    chunk, so that load from other processes hits each alike. The first ``skip`` steps (kernel creation,
+    the longer first step) are left out."""
+    pools = {p: StreamPool(m, settings, capacity=len(wavs)) for p, m in models.items()}
+    slots = {p: [pool.open(f"s{i}") for i in range(len(wavs))] for p, pool in pools.items()}
+    steps: dict[str, list[float]] = {p: [] for p in models}
+    pos = 0
+    while True:
+        n = next(iter(pools.values())).need(0)
+        if pos + n > wavs[0].numel():
+            break
+        for p, pool in pools.items():
+            audio = {slot: wav[pos:pos + n] for slot, wav in zip(slots[p], wavs, strict=True)}
+            start = time.perf_counter()
+            pool.step(audio)
+            steps[p].append(1000 * (time.perf_counter() - start))
+        pos += n
+    return {p: statistics.median(v[skip:]) for p, v in steps.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seconds", type=float, default=10.0, help="audio length (offline and streaming)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="audio length of the offline forward")
+    ap.add_argument("--stream-seconds", type=float, default=20.0, help="audio length per stream")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--out", type=Path, help="also write the report to this markdown file")
     args = ap.parse_args()
@@ -143,22 +166,19 @@ def main() -> None:
              f"Native precisions: {', '.join(paths)}"
              + "".join(f"; {p} skipped ({missing(p)})" for p in PRECISIONS if p not in paths)
              + f". auto: {auto.describe()}.",
-             f"Base size, random weights, {args.seconds:.0f} s of the bundled speech, median of {args.repeats} "
-             "interleaved rounds after a warm-up.", "", "### One GEMM", "", *gemm_section(paths, args.repeats)]
+             "Base size, random weights (transformers' initialisation), the bundled speech. One model per "
+             "precision, so that the candidates take turns call by call (offline: median of "
+             f"{args.repeats} rounds after a warm-up; streaming: median step, the models alternating chunk by "
+             "chunk).", "", "### One GEMM", "", *gemm_section(paths, args.repeats)]
 
     ref = hf_model("base")
     with tempfile.TemporaryDirectory() as d:
         model = ours_from_hf(ref, Path(d))
+        models = {p: load_model(d, dtype=p) for p in paths}
     wav = speech(args.seconds)
     secs = args.seconds
-
-
-    def switch(name: str) -> None:
-        if name in PRECISIONS:
-            apply(model, name)  # type: ignore[arg-type]
-
-    t = interleaved({"transformers": lambda: ref(wav[None]), **{p: lambda: model(wav[None]) for p in paths}},
-                    args.repeats, switch)
+    t = interleaved({"transformers": lambda: ref(wav[None]),
+                     **{p: lambda m=m: m(wav[None]) for p, m in models.items()}}, args.repeats)
     lines += ["", f"### Offline forward, {secs:.0f} s", "",
               "| path | seconds | RTF | vs our fp32 | speed-up over transformers fp32 |", "|---|---|---|---|---|",
               f"| transformers fp32 | {t['transformers']:.2f} | {t['transformers'] / secs:.3f} | | 1.00x |"]
@@ -166,20 +186,20 @@ def main() -> None:
               f"| {t['transformers'] / t[p]:.2f}x |" for p in paths]
     print("\n".join(lines), flush=True)
 
-    wavs = [wav.roll(i * 4000) for i in range(args.streams)]
-    cost: dict[int, dict[str, float]] = {}
-    for n in (1, args.streams):
-        cost[n] = interleaved({p: lambda n=n: stream_latency(model, wavs[:n], C16) for p in paths},
-                              args.repeats, switch)
-    lines += ["", f"### Streaming C=16, L=250 ({C16.latency_ms(model.cfg):.0f} ms algorithmic latency)", "",
-              f"| path | 1 stream RTF | vs our fp32 | {args.streams} streams RTF per stream | "
-              f"vs our fp32 ({args.streams} streams) | vs our fp32 (1 stream) |",
-              "|---|---|---|---|---|---|"]
-    one, many = cost[1], cost[args.streams]
+    long = speech(args.stream_seconds)
+    wavs = [long.roll(i * 4000) for i in range(args.streams)]
+    chunk_s = C16.chunk * model.cfg.hop / 16000
+    one = stepped_together(models, wavs[:1], C16)
+    many = stepped_together(models, wavs, C16)
+    lines += ["", f"### Streaming C=16, L=250 ({C16.latency_ms(model.cfg):.0f} ms algorithmic latency; a step is "
+              f"{chunk_s * 1000:.0f} ms of audio per stream)", "",
+              f"| path | 1 stream: step ms (RTF) | vs our fp32 | {args.streams} streams: step ms (RTF per stream) | "
+              f"vs our fp32 ({args.streams} streams) | vs our fp32 (1 stream) |", "|---|---|---|---|---|---|"]
     for p in paths:
-        per = many[p] / args.streams / secs
-        lines.append(f"| {p} | {one[p] / secs:.3f} | {one[p] / one['float32']:.2f}x | {per:.3f} | "
-                     f"{many[p] / many['float32']:.2f}x | {per * secs / one['float32']:.2f}x |")
+        per = many[p] / args.streams
+        lines.append(f"| {p} | {one[p]:.1f} ({one[p] / 1000 / chunk_s:.3f}) | {one[p] / one['float32']:.2f}x | "
+                     f"{many[p]:.1f} ({per / 1000 / chunk_s:.3f}) | {many[p] / many['float32']:.2f}x | "
+                     f"{per / one['float32']:.2f}x |")
     print("\n".join(lines[-len(paths) - 4:]), flush=True)
 
     lines += ["", "### Agreement with fp32 per hidden state (cosine: mean over frames; rel err: Frobenius)", ""]
