@@ -173,6 +173,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._discarding = False
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Engine:
@@ -221,8 +222,15 @@ class Engine:
         self._tell(stream.status)
         return stream.status
 
-    async def drain(self) -> None:
-        """Wait until every source has ended and its audio has been processed and flushed."""
+    async def drain(self, discard_backlog: bool = False) -> None:
+        """Wait until every source has ended and its audio has been processed and flushed.
+
+        ``discard_backlog``: a stop that must be quick (Ctrl-C): audio still queued, or still arriving from
+        the sources, is dropped (counted) instead of processed; each stream is then flushed as usual."""
+        if discard_backlog:
+            self._discarding = True
+            for stream in self.streams.values():
+                self._discard(stream)
         while self.streams:
             tasks = [s.task for s in self.streams.values() if s.task is not None]
             if tasks:
@@ -252,6 +260,8 @@ class Engine:
                     await stream.source.close()
                     break
                 stream.queue.put(chunk.samples, chunk.start, chunk.arrival)
+                if self._discarding:
+                    self._discard(stream)
                 self._wake.set()
                 while not stream.live and st.backlog > self.max_backlog and st.state == "open":
                     stream.room.clear()
@@ -266,6 +276,12 @@ class Engine:
         finally:
             stream.ended = True
             self._wake.set()
+
+    def _discard(self, stream: _Stream) -> None:
+        """Drop the stream's queued audio in whole frames (the remainder is flushed at its end)."""
+        queued = len(stream.queue)
+        stream.queue.drop_oldest(queued - queued % self.pool.cfg.hop)
+        stream.room.set()
 
     def _overload(self, stream: _Stream) -> None:
         st = stream.status

@@ -340,3 +340,26 @@ def test_a_sink_failing_for_one_stream_ends_that_stream_only(model, speech):
     assert ended["unlucky"][0] == "failed" and "disk full" in ended["unlucky"][1]
     assert ended["fine"] == ("closed", None)
     assert (frames_of(got["fine"]) - solo_frames(model, wav)).abs().max() < 1e-5
+
+
+def test_a_quick_stop_discards_the_backlog_and_counts_it(model, speech):
+    """``drain(discard_backlog=True)`` (Ctrl-C): queued audio is dropped in whole frames and counted, not
+    processed; every stream still ends with a final output and a closed status."""
+    wav = np.tile(speech.numpy(), 4)
+    got, sink = collect()
+
+    async def main() -> list[dict]:
+        async with Engine(StreamPool(model, SETTINGS, capacity=2), [sink], max_backlog=1.0) as engine:
+            for name in ("a", "b"):
+                engine.add(ListSource(name, split(wav, 1600)), name, live=False)
+            await asyncio.sleep(0.2)
+            for stream in list(engine.streams.values()):
+                await stream.source.close()
+            await engine.drain(discard_backlog=True)
+            return engine.status()
+
+    status = asyncio.run(asyncio.wait_for(main(), 60))
+    for s in status:
+        assert s["state"] == "closed" and s["dropped"] > 0 and s["dropped"] % model.cfg.hop == 0, s
+        assert s["processed"] + s["dropped"] + s["backlog_s"] * 16000 == s["samples_in"], s
+        assert got[s["stream"]][-1].chunk.final

@@ -273,7 +273,7 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
         acceptor.cancel()
         for s in list(engine.streams.values()):
             await s.source.close()
-        await engine.drain()
+        await engine.drain(discard_backlog=stop.is_set())  # stopped (Ctrl-C, --seconds): end quickly
         if publisher is not None:
             await publisher.flush(10)
         if listener is not None:
