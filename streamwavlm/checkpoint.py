@@ -391,8 +391,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: str 
         raise CheckpointError(f"{raw.source}: wrong shapes: {wrong[:3]}; the config and weights disagree")
     model.load_state_dict(state, strict=True)
     if dtype is not None:
-        from .precision import set_precision
+        from .precision import PrecisionError, set_precision
 
+        if torch.device(device).type != "cpu":
+            raise PrecisionError(f"dtype={dtype!r} selects a CPU precision path; on {device} leave it out and "
+                                 "convert the model instead (model.half(), model.bfloat16())")
         set_precision(model, dtype)
     return model.to(device)
 

@@ -81,6 +81,17 @@ def test_precision_survives_reloading_weights(base):
     assert isinstance(base.encoder.layers[0].attn.qkvg_packed, PackedInt8)
 
 
+@native("int8")
+def test_load_model_takes_a_dtype(hf_models):
+    from streamwavlm.checkpoint import load_model
+
+    model = load_model(hf_models["base"][1], dtype="int8")
+    assert precision.precision_of(model).precision == "int8"
+    assert isinstance(model.encoder.layers[0].ffn.fc1.packed, PackedInt8)
+    with pytest.raises(PrecisionError, match="CPU precision"):
+        load_model(hf_models["base"][1], device="meta", dtype="int8")
+
+
 def test_fp32_packed_matches_dense():
     w, b, x = torch.randn(96, 64), torch.randn(96), torch.randn(3, 7, 64)
     with torch.no_grad():

@@ -54,7 +54,11 @@ class FrontEnd(nn.Module):
                                                           [0, 0], [1, conv.stride[0]], [1, 1], 1),
              None if conv.bias is None else conv.bias.detach().bfloat16())
             for conv in self.convs[1:]
-        ] if precision == "bfloat16" and torch.backends.mkldnn.is_available() else []
+        ] if precision == "bfloat16" and torch.backends.mkldnn.is_available() and self._on_cpu_fp32() else []
+
+    def _on_cpu_fp32(self) -> bool:
+        weight = self.convs[0].weight
+        return weight.device.type == "cpu" and weight.dtype == torch.float32
 
     def _conv(self, i: int, x: Tensor, low: bool, gelu: bool) -> Tensor:
         """Convolution ``i``; with ``low``, convs 1.. in bf16, followed by a GELU fused into it if ``gelu``."""
