@@ -14,10 +14,12 @@ of the microsoft/wavlm-* repos holds, read with ``weights_only``) or else ``mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +82,10 @@ def _fetch(repo: str, name: str, cache_dir: Path | None, force: bool, progress: 
     if force and _offline():
         raise NetworkError(f"{repo}: --force downloads again, which needs the network; HF_HUB_OFFLINE is set")
     try:
-        path = hf_hub_download(repo, name, revision=REVISION, cache_dir=cache_dir, force_download=force,
-                               endpoint=_endpoint(), etag_timeout=timeout, local_files_only=_offline(),
-                               tqdm_class=HubBar if progress else QuietHubBar)  # type: ignore[arg-type]
+        with _quiet_hub_logs():
+            path = hf_hub_download(repo, name, revision=REVISION, cache_dir=cache_dir, force_download=force,
+                                   endpoint=_endpoint(), etag_timeout=timeout, local_files_only=_offline(),
+                                   tqdm_class=HubBar if progress else QuietHubBar)  # type: ignore[arg-type]
     except RemoteEntryNotFoundError:
         return None
     except GatedRepoError as e:
@@ -106,6 +109,19 @@ def _fetch(repo: str, name: str, cache_dir: Path | None, force: bool, progress: 
         raise NetworkError(f"{repo}/{name}: the transfer was interrupted ({_first_line(e)}); run the same "
                            "command again to resume") from e
     return Path(path)
+
+
+@contextlib.contextmanager
+def _quiet_hub_logs() -> Iterator[None]:
+    """huggingface_hub logs each retry of an unreachable Hub as two lines; the one-line error we raise after
+    its retries says it all, so its warnings are held back while it works for us."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
