@@ -71,11 +71,11 @@ def test_saved_file_equals_what_was_published(hf_models, audio: Path, tmp_path: 
 def test_listen_shows_the_input_level(hf_models) -> None:
     proc = subprocess.run([sys.executable, "-m", "streamwavlm.cli", "stream", "--checkpoint",
                            str(hf_models["base"][1]), "--listen", "--chunk", "50", "--seconds", "60"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if "sample/embeddings seq" in line]
-    assert lines and all(" dBFS " in line for line in lines)
-    levels = [float(line.split(" input ")[1].split()[0]) for line in lines]
+    assert lines and all(" dBFS " in line and len(line.rstrip()) <= 80 for line in lines)
+    levels = [float(line.split(", input ")[1].split()[0]) for line in lines]
     assert -60 < max(levels) < 0  # speech, not silence or clipping
 
 

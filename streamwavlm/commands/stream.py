@@ -187,11 +187,11 @@ async def _listen(broker: str, prefix: str, console: Console, latencies: list[fl
         elif isinstance(item, EmbeddingMessage):
             latency = time.time() - item.timestamp
             latencies.append(latency)
-            level = levels.get(item.stream_id)
-            shown = f" input {level:4.0f} dBFS {meter(level)}" if level is not None else ""
+            level = levels.get(item.stream_id)  # one line that fits 80 columns, level meter included
+            shown = f", input {level:3.0f} dBFS {meter(level)}" if level is not None else ""
             console.print(f"{item.stream_id}/{item.kind} seq {item.seq}: frames {item.first_frame}.."
-                          f"{item.first_frame + item.frames - 1} shape {tuple(item.data.shape)} "
-                          f"latency {latency * 1000:.0f} ms{shown}", highlight=False)
+                          f"{item.first_frame + item.frames - 1} {'x'.join(map(str, item.data.shape))} "
+                          f"{latency * 1000:.0f} ms{shown}", highlight=False)
 
 
 async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
