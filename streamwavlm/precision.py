@@ -241,12 +241,8 @@ def set_precision(model: nn.Module, dtype: str | Choice = "auto", allow_emulated
     that :func:`resolve` made) from now on, including after its weights are reloaded; returns what was
     chosen and why (also kept as ``model.precision``)."""
     choice = dtype if isinstance(dtype, Choice) else resolve(dtype, allow_emulated)
+    model.precision = choice  # type: ignore[assignment]  # read by WavLM.derive after every load
     apply(model, choice.precision)
-    model.precision = choice  # type: ignore[assignment]
-    if not getattr(model, "_precision_hook", False):
-        # the model's own hook re-derives fp32 copies after a load; this one (registered later) runs after it
-        model.register_load_state_dict_post_hook(lambda m, _keys: apply(m, m.precision.precision))
-        model._precision_hook = True  # type: ignore[assignment]
     return choice
 
 

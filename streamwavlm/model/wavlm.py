@@ -20,7 +20,6 @@ from ..kernels import KeyLayout
 from .attention import AttentionContext, KVCache
 from .encoder import EncoderLayer, FeatureProjection, PositionalConv
 from .frontend import FrontEnd
-from .linear import Linear
 from .moments import Moments
 from .position import bias_table
 from .xvector import XVectorHead
@@ -101,13 +100,12 @@ class WavLM(nn.Module):
         self.eval()
 
     def derive(self) -> None:
-        """Recompute the tensors derived from the parameters: the bias table and fused projections."""
+        """Recompute the tensors derived from the parameters (after loading weights): the bias table, and the
+        fused and packed projections and convolutions in the model's precision (:mod:`streamwavlm.precision`)."""
+        from ..precision import apply, precision_of
+
         self.encoder.build_table()
-        for layer in self.encoder.layers:
-            layer.attn.fuse()
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.derive()
+        apply(self, precision_of(self).precision)
 
     def normalize_waveform(self, wav: Tensor, lengths: Tensor | None = None) -> Tensor:
         """The checkpoint's waveform normalisation (zero mean, unit variance over each utterance's valid
