@@ -95,7 +95,7 @@ def test_cli_writes_per_file_outputs_with_an_index(hf_models, corpus: Path, tmp_
         np.testing.assert_allclose(saved, ref.numpy(), rtol=1e-4, atol=1e-5)
 
     assert _cli("embed", str(corpus / "a.wav"), str(corpus / "sub"), "--checkpoint", str(directory), "--out",
-                str(tmp_path / "st"), "--format", "safetensors", "--dtype", "float16") == 0
+                str(tmp_path / "st"), "--format", "safetensors", "--out-dtype", "float16") == 0
     st = load_file(str(tmp_path / "st" / "c.safetensors"))
     assert st["hidden_states"].dtype == np.float16
     np.testing.assert_allclose(st["hidden_states"], np.load(tmp_path / "npy" / "sub" / "c.npy")[1:], atol=2e-3)

@@ -24,7 +24,7 @@ from ..audio.validate import SAMPLE_RATE, AudioError
 from ..checkpoint import model_from_setting
 from ..embedding import Embedding, check_request, embed_items, file_item, resolve_device
 from ..progress import Bar
-from .common import _int_list, add_checkpoint_option, add_device_option
+from .common import _int_list, add_checkpoint_option, add_device_option, add_dtype_option, cpu_dtype
 
 SINGLE_FILE = (".safetensors", ".npz")
 
@@ -42,7 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="hidden-state indices to save, 0..L (default: the last layer)")
     p.add_argument("--xvector", action="store_true", help="also save the 512-d speaker embedding of each file "
                    "(needs a speaker-head checkpoint, e.g. wavlm-base-plus-sv)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="stored dtype")
+    add_dtype_option(p, default="float32", help="CPU compute precision: float32 (default; exact), bfloat16, int8 or "
+                     "auto (docs/precision.md)")
+    p.add_argument("--out-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of the saved arrays (default: %(default)s)")
     p.add_argument("--format", choices=("npy", "safetensors"), default="npy",
                    help="per-file format when --out is a directory (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="files per forward (default: %(default)s)")
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if repeated and Path(args.out).suffix not in SINGLE_FILE:
         raise ValueError(f"several inputs would be saved as {repeated[0]}: give their directories instead, "
                          "or --out FILE.safetensors")
-    model, description = model_from_setting(args.checkpoint)
+    model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
     model = model.to(device)
     check_request(model, args.layers, args.xvector, args.batch_size)
     print(f"model: {description}", file=sys.stderr)
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     with Bar(f"embedding {len(items)} file(s)", round(seconds, 1), unit="s of audio") as bar:
         results = embed_items(model, items, layers=args.layers, xvector=args.xvector, batch_size=args.batch_size,
                               on_batch=lambda n: bar.advance(n / SAMPLE_RATE))
-    out = save(results, names, Path(args.out), args.format, np.dtype(args.dtype))
+    out = save(results, names, Path(args.out), args.format, np.dtype(args.out_dtype))
     print(out)
     return 0
 
