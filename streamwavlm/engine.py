@@ -36,11 +36,12 @@ from .streaming import ChunkOutput, StreamPool
 log = logging.getLogger(__name__)
 
 # oneDNN (through torch's ideep) compiles and caches a primitive per input shape in each thread, 1024 by
-# default. A long-running engine meets ever new shapes (every stream's shorter last step), and that cache
-# grew resident memory by ~20 MB per hour of audio for hours (tests/test_soak.py; the same at 256 entries);
-# at 64 entries the curve is flat after the first hour. The worker threads that run the steps create their
-# caches after this is read; a value the user set is kept.
-os.environ.setdefault("LRU_CACHE_CAPACITY", "64")
+# default, each holding its own scratch memory. A long-running engine meets ever new shapes (every stream's
+# shorter last step): with 1024 or 256 entries resident memory grew ~20 MB per hour of audio for three hours
+# (tests/test_soak.py); with 128 it is flat after the first hour (+0.2 MB/h). Fewer entries make steps
+# recompile when many batch sizes alternate (64 cost int8 1.5x over 16 batch sizes, docs/precision.md).
+# The worker threads that run the steps create their caches after this is read; a value the user set is kept.
+os.environ.setdefault("LRU_CACHE_CAPACITY", "128")
 
 OverloadPolicy = Literal["drop_oldest", "shed"]
 

@@ -4,7 +4,7 @@ closing throughout, keeps resident memory, file descriptors, threads and asyncio
 Run with ``make test-heavy`` (or ``pytest -m heavy tests/test_soak.py -s`` to see the report). The slope is
 fitted over the second half: resident memory first grows while oneDNN (through torch's ideep) compiles and
 caches a primitive per new input shape (the last step of each stream has a length of its own), up to its
-cache's capacity, which the engine sets to 64 entries (``LRU_CACHE_CAPACITY``; torch's default 1024 kept
+cache's capacity, which the engine sets to 128 entries (``LRU_CACHE_CAPACITY``; torch's default 1024 kept
 growing for the whole run). The figures go to docs/reliability.md.
 """
 
