@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import finish
+from common import cpu_report, finish
 
 from streamwavlm.audio.files import FileSource
 from streamwavlm.checkpoint import model_from_setting
@@ -155,7 +155,7 @@ def main() -> None:
     args = p.parse_args()
     sections = set(args.sections.split(","))
     torch.set_num_threads(2)
-    lines = ["# Online diarization", "",
+    lines = ["# Online diarization", "", *cpu_report(), "",
              "`python benchmarks/bench_diarization.py` (DER at collar 0, overlap scored).", ""]
     n = 4 if args.quick else 12
     if "synthetic" in sections:

@@ -47,6 +47,7 @@ import aiomqtt
 import numpy as np
 import soundfile as sf
 import torch
+from common import cpu_report
 
 from streamwavlm.audio.files import FileSource
 from streamwavlm.checkpoint import model_from_setting
@@ -366,7 +367,7 @@ def main() -> None:
     args.seconds = 1.5 if args.quick else 3.0
     args.counts = [64 * 2 ** i for i in range(7)]  # 64 .. 4096 streams
     args.audio = 4.0 if args.quick else 11.0
-    lines = asyncio.run(main_async(args))
+    lines = [*cpu_report(), "", *asyncio.run(main_async(args))]
     text = "\n".join(lines) + "\n"
     print()
     print(text)

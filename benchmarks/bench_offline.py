@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import finish, hf_model, median_time, ours_from_hf, peak_memory_mb, speech
+from common import cpu_report, finish, hf_model, median_time, ours_from_hf, peak_memory_mb, speech
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    lines = [
+    lines = [*cpu_report(), "",
         f"Offline forward, fp32, {args.threads} threads, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}; median of {args.repeats} after one warm-up.",
         "",

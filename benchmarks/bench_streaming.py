@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import finish, hf_model, median_time, ours_from_hf, speech
+from common import cpu_report, finish, hf_model, median_time, ours_from_hf, speech
 
 from streamwavlm.streaming import StreamPool, StreamSettings
 
@@ -66,7 +66,7 @@ def main() -> None:
     wav = speech(args.seconds)
     secs = args.seconds
     t_ref = median_time(lambda: ref(wav[None]), repeats=1)
-    lines = [f"Base size, fp32, {args.threads} threads, {secs:.0f} s of audio stepped chunk by chunk. "
+    lines = [*cpu_report(), "", f"Base size, fp32, {args.threads} threads, {secs:.0f} s of audio stepped chunk by chunk. "
              f"transformers offline forward on the same audio: {t_ref:.2f} s (RTF {t_ref / secs:.3f}).", "",
              "| C | L | algorithmic latency ms | p50 ms | p95 ms | p99 ms | RTF | naive window re-run RTF |",
              "|---|---|---|---|---|---|---|---|"]
