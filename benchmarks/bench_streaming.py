@@ -66,7 +66,8 @@ def main() -> None:
     wav = speech(args.seconds)
     secs = args.seconds
     t_ref = median_time(lambda: ref(wav[None]), repeats=1)
-    lines = [*cpu_report(), "", f"Base size, fp32, {args.threads} threads, {secs:.0f} s of audio stepped chunk by chunk. "
+    lines = [*cpu_report(), "",
+             f"Base size, fp32, {args.threads} threads, {secs:.0f} s of audio stepped chunk by chunk. "
              f"transformers offline forward on the same audio: {t_ref:.2f} s (RTF {t_ref / secs:.3f}).", "",
              "| C | L | algorithmic latency ms | p50 ms | p95 ms | p99 ms | RTF | naive window re-run RTF |",
              "|---|---|---|---|---|---|---|---|"]
