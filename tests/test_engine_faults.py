@@ -224,6 +224,9 @@ def test_websocket_faults_are_contained(hf_models, model, speech, mosquitto, cap
         await run("third", normal[:8000])  # capacity 2 is taken by steady and second
         await asyncio.gather(steady, blocker)
         await run("later", normal[:16000])
+        expected = model.cfg.num_frames(16000)
+        while sum(m.frames for m in messages.get("later", [])) < expected:  # processed, then stop
+            await asyncio.sleep(0.05)
         stop.set()
         return results
 

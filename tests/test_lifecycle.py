@@ -264,4 +264,7 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line() -> None:
     out, err = proc.communicate()
     if out:  # this machine imported everything within a second: nothing to test
         pytest.skip("the imports finished before the signal")
-    assert code == 130 and err == "streamwavlm: interrupted\n" and seconds < 2.0, (code, err, seconds)
+    # 130, or ended by the signal itself (-SIGINT: Python re-raises an interrupt it did not absorb at exit);
+    # a shell shows both as 130. What must hold: one line, no traceback, quickly.
+    assert code in (130, -signal.SIGINT), (code, err, seconds)
+    assert err == "streamwavlm: interrupted\n" and seconds < 2.0, (code, err, seconds)
