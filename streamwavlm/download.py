@@ -317,11 +317,7 @@ def _open(url: str, offset: int, timeout: float) -> tuple[HTTPResponse, _Declare
 
 
 def _hash_file(path: Path) -> hashlib._Hash:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h
+    return hub.hash_file(hashlib.sha256(), path)
 
 
 def _now() -> str:

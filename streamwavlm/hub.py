@@ -130,21 +130,19 @@ def _first_line(e: BaseException) -> str:
 
 def git_blob_sha1(path: Path) -> str:
     """The git blob id of a file: what the Hub names a small (non-LFS) file by."""
-    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    _update(h, path)
-    return h.hexdigest()
+    return hash_file(hashlib.sha1(f"blob {path.stat().st_size}\0".encode()), path).hexdigest()
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    _update(h, path)
-    return h.hexdigest()
+    return hash_file(hashlib.sha256(), path).hexdigest()
 
 
-def _update(h: Any, path: Path) -> None:
+def hash_file(h: Any, path: Path) -> Any:
+    """``h`` updated with the bytes of ``path`` (read in 1 MiB pieces); shared with ``download``."""
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
+    return h
 
 
 def check_blob(path: Path, sha256: str | None = None) -> str:
