@@ -116,16 +116,22 @@ def gated_rel_attention_torch(
     new entries into its rings.
     """
     memo = {} if memo is None else memo
-    rows = layout.rows
     scattered: list[int] | None = None
-    if rows is not None:
-        first = int(rows[0])
-        if torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device)):
-            k, v = k[first:first + len(rows)], v[first:first + len(rows)]
-        else:
-            scattered = rows.tolist()
+    if layout.rows is not None:
+        if "rows" not in memo:  # read once per forward, not once per layer
+            memo["rows"] = _row_plan(layout.rows)
+        first, scattered = memo["rows"]
+        if scattered is None:
+            k, v = k[first:first + q.shape[0]], v[first:first + q.shape[0]]
         layout = KeyLayout(layout.q_pos, layout.k_pos, layout.k_len, layout.chunk, layout.left)
     return _attend_blocks(q, k, v, gate, table, layout, memo, block_q, scattered)
+
+
+def _row_plan(rows: Tensor) -> tuple[int, list[int] | None]:
+    """The first K/V row, and the row list unless the rows are consecutive (then a slice is a view)."""
+    first = int(rows[0])
+    consecutive = torch.equal(rows, torch.arange(first, first + len(rows), device=rows.device))
+    return first, None if consecutive else rows.tolist()
 
 
 def _matmul(a: Tensor, b: Tensor, rows: list[int] | None) -> Tensor:

@@ -54,7 +54,7 @@ class EngineOutput:
     stream_start: int  # stream sample index of the chunk's first frame (dropped audio accounted for)
     latency: float  # seconds from the arrival of the chunk's last input sample to the output
     wall_time: float  # time.time() when the output was ready
-    stream_frame: int = 0  # stream frame index of the chunk's first frame: ``first_frame`` + frames dropped
+    stream_frame: int  # stream frame index of the chunk's first frame: ``first_frame`` + frames dropped
 
     @property
     def frame_offset(self) -> int:
@@ -151,7 +151,7 @@ class Engine:
                  idle_timeout: float | None = None, status_interval: float | None = None) -> None:
         if policy not in ("drop_oldest", "shed"):
             raise ValueError(f"unknown overload policy {policy!r}; use drop_oldest or shed")
-        step = pool.cfg.receptive_field - pool.cfg.hop + pool.cfg.hop * (pool.settings.chunk + pool.settings.lookahead)
+        step = pool.first_step
         if not max_backlog * SAMPLE_RATE >= step:
             raise ValueError(f"max_backlog {max_backlog} s is shorter than one encoder step "
                              f"({step / SAMPLE_RATE:.3f} s for chunk {pool.settings.chunk}): nothing could ever "

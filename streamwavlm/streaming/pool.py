@@ -33,7 +33,7 @@ from ..kernels import KeyLayout
 from ..model.moments import Moments
 from ..model.wavlm import WavLM
 from .settings import NormPolicy, StreamSettings
-from .state import FrontState, KVRings, StreamProgress, StreamState, StreamTensors, XVectorState
+from .state import EMPTY_POS, FrontState, KVRings, StreamProgress, StreamState, StreamTensors, XVectorState
 
 Samples = np.ndarray | Tensor
 
@@ -97,10 +97,8 @@ class StreamPool:
         )
         ring = s.left + s.chunk
         kv = [torch.zeros(rows, cfg.num_heads, ring, cfg.head_dim, **act) for _ in range(2 * self.depth)]
-        rings = KVRings(torch.zeros(rows, ring, dtype=torch.long, device=dev), kv[:self.depth], kv[self.depth:])
-        state = StreamTensors(front, rings)
-        state.clear(torch.arange(rows, device=dev))
-        return state
+        positions = torch.full((rows, ring), EMPTY_POS, dtype=torch.long, device=dev)
+        return StreamTensors(front, KVRings(positions, kv[:self.depth], kv[self.depth:]))
 
     def _rows(self, slots: list[int]) -> Tensor:
         return torch.tensor(slots, device=self._state.rings.positions.device)
@@ -161,12 +159,16 @@ class StreamPool:
         return st
 
     # ------------------------------------------------------------------ stepping
+    @property
+    def first_step(self) -> int:
+        """Samples a stream's first (and largest) step consumes: ``80 + 320 (C + P)``."""
+        return self.tail_len + self.cfg.hop * (self.settings.chunk + self.settings.lookahead)
+
     def need(self, slot: int) -> int:
-        """Samples the stream's next step consumes: ``80 + 320 (C + P)`` the first time, then ``320 C``."""
-        c, s = self.cfg, self.settings
+        """Samples the stream's next step consumes: :attr:`first_step` the first time, then ``320 C``."""
         if self._progress(slot).started:
-            return c.hop * s.chunk
-        return self.tail_len + c.hop * (s.chunk + s.lookahead)
+            return self.cfg.hop * self.settings.chunk
+        return self.first_step
 
     def step(self, audio: Mapping[int, Samples]) -> list[ChunkOutput]:
         """Advance each given slot by one chunk with exactly :meth:`need` float32 16 kHz samples.
