@@ -82,6 +82,10 @@ class Diarizer:
         self._speech = np.concatenate([self._speech, flags])
         self._runs = np.concatenate([self._runs, np.where(flags, runs, -1)])
 
+    def speech_frames(self) -> tuple[np.ndarray, int]:
+        """The VAD decisions still held (at least 10 s before the final frames) and the index of the first."""
+        return self._speech, self._speech_first
+
     def _run_of(self, k: int) -> int:
         i = k - self._speech_first
         return int(self._runs[i]) if 0 <= i < len(self._runs) else -1

@@ -37,29 +37,22 @@ class StreamDiarization:
         self.embedder = embedder
         self.diarizer = Diarizer(clustering, latency=latency, frame=FRAME_SECONDS,
                                  min_speech=clustering.settings.min_speech)
-        self._speech = np.zeros(0, bool)  # VAD decisions of the frames from ``_speech_first``
-        self._speech_first = 0
         self._samples = 0
 
     def _select(self, start: int, end: int) -> int | None:
         """The embedder's window choice: skip silence, leave out the previous turn (``speech_span``)."""
         if self.vad is None:
             return start
-        offset = self._speech_first * FRAME
-        chosen = speech_span(self._speech, start - offset, end - offset, self.diarizer.min_speech)
+        flags, first = self.diarizer.speech_frames()
+        offset = first * FRAME
+        chosen = speech_span(flags, start - offset, end - offset, self.diarizer.min_speech)
         return None if chosen is None else chosen + offset
 
     def audio(self, samples: np.ndarray) -> list[TurnEvent]:
         """The stream's next audio (16 kHz float32, contiguous; gaps already filled with silence)."""
         self._samples += len(samples)
         if self.vad is not None:
-            flags = self.vad.push(samples)
-            self._speech = np.concatenate([self._speech, flags])
-            self.diarizer.add_speech(flags)
-            if self.embedder is not None:  # keep the frames the next windows can cover
-                drop = len(self._speech) - (self.embedder.window + self.embedder.hop) // FRAME - 1
-                if drop > 0:
-                    self._speech, self._speech_first = self._speech[drop:], self._speech_first + drop
+            self.diarizer.add_speech(self.vad.push(samples))
         if self.embedder is None:
             return []
         for w in self.embedder.push(samples, self._select):
