@@ -198,8 +198,8 @@ class StreamPool:
             rest = rest[n:]
         progress = self._progress(slot)
         if not progress.started and self.cfg.num_frames(len(rest)) == 0:
-            outputs.append(ChunkOutput(progress.stream_id, progress.frames_out, self._out_ids,
-                                       torch.zeros(len(self._out_ids), 0, self.cfg.embed_dim), final=True))
+            outputs.append(ChunkOutput(progress.stream_id, progress.frames_out, self._out_ids, self._no_frames(),
+                                       final=True))
         else:
             outputs += self._advance([slot], [rest], flush=True)
         self._streams[slot] = None
@@ -268,6 +268,9 @@ class StreamPool:
         layout = KeyLayout(q_pos, k_pos, chunk=self.settings.chunk, left=self.settings.left, rows=rows)
         return self.model.encoder(x, layout, caches, self.depth)
 
+    def _no_frames(self) -> Tensor:
+        return torch.zeros(len(self._out_ids), 0, self.cfg.embed_dim)
+
     def _emit(self, progress: list[StreamProgress], front: FrontState, hidden: list[Tensor], n_out: int,
               flush: bool) -> list[ChunkOutput]:
         cfg, s = self.cfg, self.settings
@@ -282,8 +285,7 @@ class StreamPool:
         xvectors = self._xvectors(progress, front, hidden, n_out, flush) if s.xvector is not None else None
         outputs = []
         for j, p in enumerate(progress):
-            frames = (torch.stack([r[j] for r in rows]) if hidden
-                      else torch.zeros(len(self._out_ids), 0, cfg.embed_dim))
+            frames = torch.stack([r[j] for r in rows]) if hidden else self._no_frames()
             outputs.append(ChunkOutput(p.stream_id, p.frames_out, self._out_ids, frames,
                                        xvectors[j] if xvectors else [], final=flush))
         return outputs
