@@ -71,9 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-backlog", type=positive(float), default=2.0, help="seconds of queued audio per stream before "
                    "the overload policy applies (default: %(default)s)")
     p.add_argument("--overload", choices=("drop_oldest", "shed"), default="drop_oldest")
-    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="S", help="end a stream that sent no "
+    p.add_argument("--idle-timeout", type=positive(float), default=30.0, metavar="S", help="end a stream that sent no "
                    "audio for S seconds and free its slot (network inputs; default: %(default)s)")
-    p.add_argument("--status-interval", type=float, default=5.0, metavar="S",
+    p.add_argument("--status-interval", type=positive(float), default=5.0, metavar="S",
                    help="publish every stream's live status every S seconds (default: %(default)s)")
     p.add_argument("--listen", action="store_true", help="also subscribe and print what arrives, with the input "
                    "level")
