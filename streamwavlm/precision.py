@@ -14,6 +14,7 @@ version, so start-up pays for the benchmark once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -65,25 +66,27 @@ class Choice:
         return f"{self.precision} ({self.source}: {self.reason}{'; benchmark ' + timing if timing else ''})"
 
 
+@functools.cache
+def _cpuinfo() -> tuple[str, ...]:
+    """The lines of ``/proc/cpuinfo``, read once (none where it does not exist)."""
+    try:
+        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
+    except OSError:
+        return ()
+
+
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
+    for line in _cpuinfo():
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in _cpuinfo():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
