@@ -74,6 +74,7 @@ class PackedFloat(Packed):
 
 
 _HALF_UP = torch.tensor(128.5)
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class PackedInt8(Packed):
@@ -89,7 +90,7 @@ class PackedInt8(Packed):
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         w = weight.detach().float()
-        self.scale = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+        self.scale = (w.abs().amax(1) / 127).clamp_min(_TINY)
         q = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
         self.weight = torch.ops.onednn.qlinear_prepack(q, None)
         self.zero_points = torch.zeros(w.shape[0], dtype=torch.long)
@@ -97,7 +98,7 @@ class PackedInt8(Packed):
 
     def __call__(self, x: Tensor) -> Tensor:
         x = _rows(x)
-        row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).tiny) / 127
+        row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(_TINY) / 127
         # round(x / s) + 128 in two passes: x / s + 128.5 lies in [1.5, 255.5] and the cast truncates
         q = torch.addcmul(_HALF_UP, x, row_scale.reciprocal()).to(torch.uint8)
         y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.weight, self.scale, self.zero_points, None,
