@@ -29,7 +29,7 @@ from ..engine import Engine
 from ..mqtt import BrokerUnavailable, EmbeddingMessage, Status, subscribe
 from ..streaming import StreamPool, XVectorSettings
 from .common import add_checkpoint_option, add_stream_options, bundled_sample, settings_from_args
-from .stream import _sources, check_input
+from .stream import _sources, check_input, window_hop
 
 
 def add_diarization_options(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def add_diarization_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", choices=("resemblyzer", "wavlm"), default="resemblyzer",
                    help="speaker embeddings: resemblyzer (pretrained, bundled) or the WavLM checkpoint's "
                         "x-vectors (needs a WavLMForXVector checkpoint) (default: %(default)s)")
-    g.add_argument("--xvector", default="150,50", metavar="WINDOW,HOP",
+    g.add_argument("--xvector", type=window_hop, default="150,50", metavar="WINDOW,HOP",
                    help="WavLM x-vector window and hop in frames (default: %(default)s)")
     g.add_argument("--vad", choices=("auto", "silero", "energy", "none"), default="auto",
                    help="speech activity detector (default: silero-vad when installed, else energy; none: every "
@@ -91,11 +91,7 @@ def backend_id(args: argparse.Namespace) -> str:
 
 
 def xvector_settings(args: argparse.Namespace) -> XVectorSettings:
-    try:
-        window, hop = (int(x) for x in args.xvector.split(","))
-    except ValueError:
-        raise ValueError(f"--xvector {args.xvector!r} must be WINDOW,HOP in frames, e.g. 150,50") from None
-    return XVectorSettings(window, hop)
+    return XVectorSettings(*args.xvector)
 
 
 class Printer:
