@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         raise AudioError(f"no audio files in {' '.join(args.inputs)}")
     names = [name for _, name in files]
-    repeated = sorted({str(n) for n in names if names.count(n) > 1})
+    repeated = sorted(str(n) for n, count in Counter(names).items() if count > 1)
     if repeated and Path(args.out).suffix not in SINGLE_FILE:
         raise ValueError(f"several inputs would be saved as {repeated[0]}: give their directories instead, "
                          "or --out FILE.safetensors")

@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
     queue.put(wav.numpy())
     step_ms, outputs = [], []
     with Bar("streaming", round(seconds, 1), unit="s of audio") as bar:
-        while len(queue) >= pool.need(slot):
-            samples = queue.take(pool.need(slot))
+        while len(queue) >= (need := pool.need(slot)):
+            samples = queue.take(need)
             start = time.perf_counter()
             outputs += pool.step({slot: samples})
             step_ms.append(1000 * (time.perf_counter() - start))
