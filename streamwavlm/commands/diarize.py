@@ -23,7 +23,7 @@ from ..diarization.events import SpeakerPublisher
 from ..diarization.pipeline import Session, StreamDiarization
 from ..diarization.plot import plot_timeline
 from ..diarization.profiles import load_profiles
-from ..diarization.rttm import format_rttm, read_rttm
+from ..diarization.rttm import Segment, format_rttm, read_rttm
 from ..diarization.turns import TurnEvent
 from ..engine import Engine
 from ..mqtt import BrokerUnavailable, EmbeddingMessage, Status, subscribe
@@ -108,12 +108,12 @@ class Printer:
                   f"confidence {e.confidence:.2f}", file=self.out, flush=True)
 
 
-def write_outputs(args: argparse.Namespace, streams: dict[str, StreamDiarization]) -> None:
+def write_outputs(args: argparse.Namespace, streams: dict[str, StreamDiarization],
+                  reference: dict[str, list[Segment]]) -> None:
     if args.rttm:
         Path(args.rttm).write_text("".join(format_rttm(sid, s.diarizer.segments()) for sid, s in streams.items()))
         print(f"RTTM: {args.rttm}")
     if args.png:
-        reference = read_rttm(args.reference) if args.reference else {}
         for sid, s in streams.items():
             path = Path(args.png) if len(streams) == 1 else Path(args.png).with_name(f"{Path(args.png).stem}-{sid}.png")
             plot_timeline(path, s.diarizer.segments(), reference.get(sid), title=sid)
@@ -127,8 +127,8 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.latency < 0:
         raise ValueError(f"--latency must be >= 0 seconds, got {args.latency}")
     enrolled = load_profiles(args.profiles, backend_id(args)) if args.profiles else []
-    if args.reference:
-        read_rttm(args.reference)  # refuse a bad reference before the run, not after it
+    # read before the run: a bad reference is refused at once, not after it
+    reference = read_rttm(args.reference) if args.reference else {}
     xs = xvector_settings(args)
     vad = None if args.subscribe or args.vad == "none" else args.vad
     session = Session(backend=args.backend, latency=args.latency, vad=vad,
@@ -144,7 +144,7 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
             await _from_mqtt(args, session)
         else:
             await _in_process(args, session, xs)
-    write_outputs(args, session.finished)
+    write_outputs(args, session.finished, reference)
     return 0
 
 
