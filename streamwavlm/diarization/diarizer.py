@@ -184,7 +184,6 @@ class Diarizer:
         peeks: dict[int, Assignment | None] = {}
         new_final = [self._label(k, peeks, True) for k in range(self._final, final_to)]
         self._final = final_to
-        done: list[Turn] = []
         if not self._open:
             self._open_first = final_to - len(new_final)
         labels = self._open + new_final

@@ -82,7 +82,7 @@ class TurnTracker:
             if old is None:
                 self._announced[t.start] = (self._id(t), t)
                 events.append(TurnEvent("start", self._announced[t.start][0], t.label, t.start, t.end, t.confidence))
-            elif old[1].label != t.label or old[1].start != t.start or abs(old[1].end - t.end) >= self.step:
+            elif old[1].label != t.label or abs(old[1].end - t.end) >= self.step:
                 self._announced[t.start] = (old[0], t)
                 events.append(TurnEvent("update", old[0], t.label, t.start, t.end, t.confidence))
         for start in [s for s in self._announced if s not in seen]:
