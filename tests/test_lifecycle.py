@@ -85,14 +85,15 @@ class Command:
 def gone(process: psutil.Process, timeout: float) -> bool:
     """True once the process has exited (a zombie no one reaps counts as exited)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:  # looked at least once, so that gone(p, 0) is "has it exited now"
         try:
             if process.status() == psutil.STATUS_ZOMBIE:
                 return True
         except psutil.NoSuchProcess:
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.02)
-    return False
 
 
 @pytest.fixture
