@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import sys
+
+import pytest
 
 from streamwavlm.progress import Bar, HubBar, QuietHubBar
 
@@ -22,10 +25,13 @@ def test_bar_on_a_terminal_and_silent_elsewhere() -> None:
     assert pipe.getvalue() == ""
 
 
-def test_hub_bar_takes_tqdm_increments() -> None:
+def test_hub_bar_takes_tqdm_increments(monkeypatch: pytest.MonkeyPatch) -> None:
     bar = HubBar(desc="pytorch_model.bin", total=100, initial=10, unit="B")
     with bar:
         bar.update(30)
         bar.update(None)
     assert bar.n == 40 and not bar.active  # stderr is not a terminal under pytest
-    assert not QuietHubBar(desc="x", total=1).active
+    monkeypatch.setattr(sys, "stderr", Tty())  # on a terminal: the Hub bar shows, the quiet one still does not
+    shown, quiet = HubBar(desc="x", total=1), QuietHubBar(desc="x", total=1)
+    assert shown.active and not quiet.active
+    shown.close()
