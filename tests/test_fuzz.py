@@ -365,7 +365,6 @@ def test_pt_cfg_through_the_checkpoint_reader(tmp_path: Path) -> None:
         read_checkpoint(path)
 
 
-
 # ---------------------------------------------------------------- the same over a real WebSocket server
 
 DOCUMENTED = {  # docs/audio.md, "Errors": code -> close code
