@@ -221,7 +221,7 @@ def cached_path(name: str, cache_dir: str | os.PathLike[str] | None = None) -> P
     """The local path of ``name`` if all its files are in the cache at their recorded size (no hashing)."""
     spec = _spec(name)
     if spec.hf_repo is not None:
-        files = hub.repo_files(spec.hf_repo, Path(cache_dir) if cache_dir is not None else None)
+        files = hub.repo_files(spec.hf_repo, cache_dir)
         return files[0].parent if files else None
     model_dir = cache_root(cache_dir) / spec.name
     manifest = _load_manifest(model_dir)

@@ -169,10 +169,16 @@ def check_blob(path: Path, sha256: str | None = None) -> str:
     return " and ".join(label for label, _, _ in checks) or "none (the cache does not name blobs by hash)"
 
 
-def repo_files(repo: str, cache_dir: Path | None = None) -> list[Path] | None:
+def _root(cache_dir: str | os.PathLike[str] | None) -> Path | None:
+    """``--cache-dir`` as huggingface_hub takes it (``~`` expanded); ``None``: its own default."""
+    return Path(cache_dir).expanduser() if cache_dir is not None else None
+
+
+def repo_files(repo: str, cache_dir: str | os.PathLike[str] | None = None) -> list[Path] | None:
     """The cached files of a complete model (required files and one weights file), or ``None``; no network."""
-    found = [_cached(repo, name, cache_dir) for name in REQUIRED]
-    weights = next((p for p in (_cached(repo, name, cache_dir) for name in WEIGHTS) if p is not None), None)
+    root = _root(cache_dir)
+    found = [_cached(repo, name, root) for name in REQUIRED]
+    weights = next((p for p in (_cached(repo, name, root) for name in WEIGHTS) if p is not None), None)
     if weights is None or None in found:
         return None
     return [*found, weights]  # type: ignore[list-item]
@@ -187,7 +193,7 @@ def download_repo(repo: str, cache_dir: str | os.PathLike[str] | None = None, *,
     one line: :class:`NetworkError` when offline or unreachable and not cached, :class:`IntegrityError`,
     :class:`DownloadError`.
     """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else None
+    root = _root(cache_dir)
     sha256 = sha256 or {}
     cached = None if force else repo_files(repo, root)
     if cached is not None:
@@ -210,7 +216,7 @@ def download_repo(repo: str, cache_dir: str | os.PathLike[str] | None = None, *,
 def verify_repo(repo: str, cache_dir: str | os.PathLike[str] | None = None,
                 sha256: Mapping[str, str] | None = None) -> Path:
     """Re-hash the cached files of ``repo`` against their blob names, without network."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else None
+    root = _root(cache_dir)
     files = repo_files(repo, root)
     if files is None:
         raise DownloadError(f"{repo} is not (completely) in the Hugging Face cache; run "
