@@ -54,18 +54,16 @@ async def _xvector_windows(args: argparse.Namespace) -> list[Window]:
 def speech_windows(args: argparse.Namespace, audio: np.ndarray) -> list[Window]:
     """The backend's windows over ``audio`` that are mostly speech."""
     flags = make_vad(args.vad).push(audio) if args.vad != "none" else None
-    if args.backend == "resemblyzer":
-        windows = ResemblyzerEmbedder().push(audio)
-    else:
-        windows = asyncio.run(_xvector_windows(args))
-    if flags is None:
-        return windows
-    kept = []
-    for w in windows:
-        span = flags[int(w.start / FRAME_SECONDS):int(w.end / FRAME_SECONDS)]
-        if len(span) and span.mean() >= MIN_SPEECH:
-            kept.append(w)
-    return kept
+
+    def speech(start: float, end: float) -> bool:
+        if flags is None:
+            return True
+        span = flags[int(start / FRAME_SECONDS):int(end / FRAME_SECONDS)]
+        return bool(len(span)) and span.mean() >= MIN_SPEECH
+
+    if args.backend == "resemblyzer":  # windows that are not speech are not embedded at all
+        return ResemblyzerEmbedder().push(audio, lambda a, b: a if speech(a / SAMPLE_RATE, b / SAMPLE_RATE) else None)
+    return [w for w in asyncio.run(_xvector_windows(args)) if speech(w.start, w.end)]
 
 
 def enroll(args: argparse.Namespace) -> int:
