@@ -29,17 +29,12 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
 def cpu_report() -> list[str]:
     """The first lines of every report: CPU model and the vector/matrix features that decide which precision
     paths run natively (ratios are only comparable within one run on one machine)."""
-    import platform
-    import re
+    from streamwavlm.precision import cpu_flags, cpu_name
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"^model name\s*:\s*(.*)$", info, re.M)
-    listed = re.search(r"^flags\s*:\s*(.*)$", info, re.M)
-    flags = set(listed.group(1).split()) if listed else set()
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-    found = " ".join(f for f in wanted if f in flags) or "none of the listed"
-    return [f"CPU: {model.group(1) if model else platform.processor()}, {os.cpu_count()} cores; "
-            f"flags: {found}; torch {torch.__version__}, {torch.get_num_threads()} threads"]
+    found = " ".join(f for f in wanted if f in cpu_flags()) or "none of the listed"
+    return [f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags: {found}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads"]
 
 
 def _status_kb(field: str) -> int:

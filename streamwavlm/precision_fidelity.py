@@ -11,7 +11,7 @@ and precision-vs-fp32 numbers mean the same thing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +20,8 @@ from torch import Tensor
 from .model.linear import Precision
 from .model.wavlm import WavLM
 from .precision import Choice, apply, precision_of
-from .streaming.fidelity import compare
-from .streaming.pool import StreamPool
+from .streaming.fidelity import compare, stream_hidden
 from .streaming.settings import StreamSettings
-from .streaming.whole import stream_audio
 
 
 @dataclass(frozen=True)
@@ -45,14 +43,6 @@ class PrecisionRow:
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "cosine": list(self.cosine), "rel_error": list(self.rel_error),
                 "worst_cosine": self.worst_cosine, "worst_rel_error": self.worst_rel_error}
-
-
-def stream_hidden(model: WavLM, wav: Tensor, settings: StreamSettings) -> Tensor:
-    """Every hidden state ``(L+1, T, D)`` of ``wav`` (1-D, 16 kHz) streamed through a one-slot
-    :class:`StreamPool`, handed over one chunk's worth at a time and closed at the end."""
-    s = replace(settings, layers=tuple(range(model.cfg.num_layers + 1)), final_norm=False)
-    outputs = stream_audio(StreamPool(model, s), wav, "precision", pieces=model.cfg.hop * s.chunk)
-    return torch.cat([o.frames for o in outputs], dim=1)
 
 
 def _row(path: str, got: Tensor, ref: Tensor) -> PrecisionRow:

@@ -106,6 +106,15 @@ def compare(stream: Tensor, offline: Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
+def stream_hidden(model: WavLM, wav: Tensor, settings: StreamSettings) -> Tensor:
+    """Every hidden state ``(L+1, T, D)`` of ``wav`` (1-D, 16 kHz) streamed through a one-slot
+    :class:`StreamPool` (the setting's ``layers`` and ``final_norm`` overridden: all layers, raw ``h_L``, so
+    that they line up with the offline ``hidden_states``), handed over one chunk's worth at a time."""
+    s = replace(settings, layers=tuple(range(model.cfg.num_layers + 1)), final_norm=False)
+    outputs = stream_audio(StreamPool(model, s), wav, "stream", pieces=model.cfg.hop * s.chunk)
+    return torch.cat([o.frames for o in outputs], dim=1)
+
+
 def measure(
     model: WavLM,
     wav: Tensor,
@@ -127,11 +136,9 @@ def measure(
     all_layers = tuple(range(cfg.num_layers + 1))
     rows = []
     for given in settings_grid:
-        s = replace(given, layers=all_layers, final_norm=False)
         start = time.perf_counter()
-        outputs = stream_audio(StreamPool(model, s), wav, "fidelity", pieces=cfg.hop * s.chunk)
+        streamed = stream_hidden(model, wav, given)  # (L+1, T, D)
         rtf = (time.perf_counter() - start) / seconds
-        streamed = torch.cat([o.frames for o in outputs], dim=1)  # (L+1, T, D)
         if streamed.shape[1] != offline[0].shape[0]:
             raise RuntimeError(f"{given}: the stream made {streamed.shape[1]} frames, the offline model "
                                f"{offline[0].shape[0]}")
