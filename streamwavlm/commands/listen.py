@@ -9,14 +9,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import TextIO
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TextIO
 
 from ..mqtt.connection import BrokerUnavailable
 from ..mqtt.message import EmbeddingMessage, Gap
 from ..mqtt.subscriber import Item, subscribe
 from ..mqtt.wire import WireError, encode_json, encode_status
 from .common import check_reachable, positive
+from .signals import stop_event
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 
@@ -62,6 +63,7 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"streamwavlm listen: skipped a malformed payload: {error}", file=sys.stderr)
 
     subscribed = asyncio.Event()
+    stop = stop_event()  # Ctrl-C sets it, rather than a KeyboardInterrupt inside the MQTT client's callbacks
     try:
         check_reachable(args.broker)  # nothing listening there: say so now, not after --connect-timeout
         items = subscribe(args.broker, args.prefix, args.stream, args.kinds or ("embeddings", "xvector"),
@@ -69,7 +71,7 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                           qos=1, session=args.session, session_expiry=args.session_expiry,
                           on_subscribed=subscribed.set)
         async with contextlib.aclosing(items):
-            await asyncio.wait_for(_print_items(items, args, out), args.timeout)
+            await _until_stopped(_print_items(items, args, out), stop, args.timeout)
     except asyncio.TimeoutError:
         if not subscribed.is_set():  # --timeout ran out before the broker ever answered
             print(f"streamwavlm listen: error: no connection to MQTT broker {args.broker} within --timeout "
@@ -79,6 +81,23 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"streamwavlm listen: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+async def _until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event, timeout: float | None) -> None:
+    """Run ``work`` until it ends, ``stop`` is set (then return quietly) or ``timeout`` passes
+    (``asyncio.TimeoutError``); its errors are raised here."""
+    task, stopped = asyncio.ensure_future(work), asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (task, stopped):
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+    if task in done:
+        task.result()
+    elif not done:
+        raise asyncio.TimeoutError
 
 
 async def _print_items(items: AsyncIterator[Item], args: argparse.Namespace, out: TextIO) -> None:
