@@ -16,6 +16,7 @@ from .commands.signals import exit_now, guarded, rename
 # modules that define ``add_parser(subparsers)``; each parser sets ``func(args) -> int``
 COMMAND_MODULES = (
     "streamwavlm.commands.stream",
+    "streamwavlm.commands.worker",
     "streamwavlm.commands.run",
     "streamwavlm.commands.embed",
     "streamwavlm.commands.info",

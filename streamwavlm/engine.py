@@ -28,10 +28,10 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .audio.queue import SampleQueue
+from .audio.queue import Ledger, SampleQueue
 from .audio.source import AudioSource, refuse
 from .audio.validate import SAMPLE_RATE
-from .streaming import ChunkOutput, StreamPool
+from .streaming import ChunkOutput, StreamPool, StreamState
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,26 @@ class EngineOutput:
 
 
 Sink = Callable[[EngineOutput], Awaitable[None]]
+
+
+@dataclass
+class Resume:
+    """Where a stream served elsewhere before continues here (:meth:`Engine.add`): the pool state (None: a
+    fresh state, for a stream taken over without its history), the ledger of its queue, and the audio the
+    previous engine had queued but not stepped (it starts at ``ledger.next_start``)."""
+
+    state: StreamState | None
+    ledger: Ledger
+    backlog: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+@dataclass
+class Released:
+    """A stream taken out of a running engine by :meth:`Engine.release`, everything another engine needs to
+    continue it exactly (as a :class:`Resume`), and its last status."""
+
+    resume: Resume
+    status: StreamStatus
 
 
 @dataclass
@@ -172,6 +192,7 @@ class Engine:
         self.step_times: deque[float] = deque(maxlen=1000)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._wake = asyncio.Event()
+        self._busy = asyncio.Lock()  # held by the scheduler through a step or a flush, and by release()
         self._scheduler: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._discarding = False
@@ -208,16 +229,29 @@ class Engine:
         except Exception:
             log.exception("stream %s: status callback failed", status.stream_id)
 
-    def add(self, source: AudioSource, stream_id: str, *, live: bool = True) -> StreamStatus:
+    def add(self, source: AudioSource, stream_id: str, *, live: bool = True, resume: Resume | None = None
+            ) -> StreamStatus:
         """Start reading ``source`` as stream ``stream_id`` (a pool slot is taken now).
 
         ``live=False`` (files read faster than real time): the source is paused while its backlog is full,
         so nothing is dropped; live sources (microphones, network streams) get the overload policy.
+        ``resume``: continue a stream another engine released (its source starts at the stream index
+        ``resume.ledger.next_start + len(resume.backlog)``).
         """
         if stream_id in self.streams:
             raise ValueError(f"stream {stream_id!r} is already running")
         slot = self.pool.open(stream_id)  # PoolFull when every slot is taken: nothing else has changed
-        stream = _Stream(StreamStatus(stream_id), source, slot, live=live)
+        status = StreamStatus(stream_id)
+        if resume is not None:
+            try:
+                if resume.state is not None:
+                    self.pool.restore(slot, resume.state)
+            except Exception:
+                self.pool.discard(slot)
+                raise
+            status.queue = SampleQueue(resume.ledger)
+            status.queue.put(resume.backlog, arrival=time.monotonic())
+        stream = _Stream(status, source, slot, live=live)
         self.streams[stream_id] = stream
         stream.task = asyncio.create_task(self._read(stream), name=f"source-{stream_id}")
         self._tell(stream.status)
@@ -240,6 +274,25 @@ class Engine:
             await asyncio.sleep(0.01)
             if self._scheduler is not None and self._scheduler.done():
                 self._scheduler.result()  # re-raise a scheduler failure instead of waiting forever
+
+    async def release(self, stream_id: str) -> Released:
+        """Take a running stream out without flushing it, between two steps: its reader stops, its slot is
+        freed, and what another engine needs to continue it exactly is returned. Its source is left to the
+        caller, and ``on_status`` is not told (the stream goes on elsewhere)."""
+        async with self._busy:
+            stream = self.streams.pop(stream_id)
+            if stream.task is not None:
+                stream.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream.task
+            st = stream.status
+            state = self.pool.save(stream.slot) if st.state == "open" else None
+            self._free(stream)
+            ledger = stream.queue.ledger()
+            backlog = stream.queue.take(len(stream.queue)).copy()
+            st.state = "released"
+            self.finished[stream_id] = st
+            return Released(Resume(state, ledger, backlog), st)
 
     def status(self) -> list[dict[str, object]]:
         return [s.status.summary() for s in self.streams.values()] + [s.summary() for s in self.finished.values()]
@@ -303,13 +356,14 @@ class Engine:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                ready = [s for s in list(self.streams.values()) if self._ready(s)]
-                if ready:
-                    await self._step(ready)
-                for stream in list(self.streams.values()):
-                    # ended, and no whole step left (audio may have arrived during the step just run)
-                    if stream.ended and not self._ready(stream):
-                        await self._finish(stream)
+                async with self._busy:
+                    ready = [s for s in list(self.streams.values()) if self._ready(s)]
+                    if ready:
+                        await self._step(ready)
+                    for stream in list(self.streams.values()):
+                        # ended, and no whole step left (audio may have arrived during the step just run)
+                        if stream.ended and not self._ready(stream):
+                            await self._finish(stream)
                 if not ready:
                     break
 

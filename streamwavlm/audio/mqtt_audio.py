@@ -13,8 +13,14 @@ One stream keeps the form and rate of its first message. A bad payload (odd byte
 NaN/Inf, unsupported or changed rate) ends that stream with an error, logged and published as JSON on
 ``<prefix>/audio/<stream_id>/error``; the next payload on the topic starts a new stream. All streams
 share one MQTT connection, so a slow consumer must not block the others: each stream's queue drops its
-oldest chunks when full (counted in ``stats.dropped``). MQTT has no sequence numbers at this layer: use
-QoS 1 (the default here) for in-order, lossless delivery per topic.
+oldest chunks when full (counted in ``stats.dropped``). Use QoS 1 (the default here) for in-order, lossless
+delivery per topic.
+
+Offsets (optional, MQTT 5): a message may carry the user property ``offset``, the stream index (at the
+payload's own rate, counted from the stream's first sample) of its first sample. With it a repeated message
+is recognised and skipped, a lost one becomes silence of the right length, and an engine that takes a stream
+over mid-way (``streamwavlm worker``) knows where each message lies in the stream. Without it messages are
+numbered by their arrival, as before; ``publish_audio`` sets it on MQTT 5 connections.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ import contextlib
 import io
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +42,8 @@ from typing import Any
 import aiomqtt
 import numpy as np
 import soundfile as sf
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from streamwavlm.audio.resample import Resampler
 from streamwavlm.audio.source import STREAM_ID, SUPPORTED_RATES, AudioChunk, QueuedSource
@@ -49,6 +58,11 @@ MAX_PAYLOAD_BYTES = 1 << 20
 before anything is decoded, so an oversized payload costs only the bytes the MQTT client already read (a
 50 MB payload used to be decoded and resampled, growing the process by half a gigabyte)."""
 DELIVERED_MULTIPLE = 8
+OFFSET = "offset"
+"""The MQTT 5 user property with the stream index of a message's first sample (at the payload's rate)."""
+
+Claim = Callable[[str, int | None], bool]
+Other = Callable[[str, bytes, int | None], None]
 
 
 def audio_topic(prefix: str, stream_id: str) -> str:
@@ -92,6 +106,15 @@ def decode_payload(payload: bytes, *, source: str = "MQTT audio") -> Payload:
     return Payload(frames, rate, True)
 
 
+def message_offset(message: aiomqtt.Message) -> int | None:
+    """The ``offset`` user property of a received message, or None (absent, MQTT 3.1.1, or not a count)."""
+    props = message.properties
+    for key, value in getattr(props, "UserProperty", None) or ():
+        if key == OFFSET:
+            return int(value) if value.isdigit() else None
+    return None
+
+
 def _is_text(payload: bytes) -> bool:
     """Printable UTF-8 only (whitespace allowed). Real audio is not: silence and quiet samples are full of
     bytes below 0x20, and 20 ms of audio is 640 bytes that would all have to be printable."""
@@ -112,19 +135,49 @@ class MqttAudioStream(QueuedSource):
                          on_refuse=lambda code, message: owner._refused(self, code, message))
         self.wav = wav
         self.resampler = Resampler(rate)
+        self.next_offset: int | None = None  # the offset (at ``rate``) the next message should carry
+
+    def start_at(self, offset: int) -> None:
+        """Begin the stream at input index ``offset`` (a stream taken over mid-way): its first chunk then
+        starts at the 16 kHz index that offset stands for."""
+        self.resampler.skip(offset)
+        self.next_offset = offset
+
+    def place(self, frames: np.ndarray, offset: int | None) -> np.ndarray:
+        """Trim what was already received (a repeat) and skip over what was lost (the resampler's index
+        jumps, so the engine fills the gap with silence); the frames to process. Offsets count from the
+        first message seen, unless :meth:`start_at` placed the stream."""
+        if offset is None:
+            return frames
+        if self.next_offset is None:  # the first message seen: indices count from it, as without offsets
+            self.next_offset = offset
+        if offset > self.next_offset:
+            start = self.resampler.output_index
+            tail = self.resampler.skip(offset - self.next_offset)
+            if len(tail):
+                self.queue.put_nowait(AudioChunk(self.stream_id, tail, start, time.monotonic()))
+        frames = frames[max(0, self.next_offset - offset):]
+        self.next_offset = max(self.next_offset, offset + len(frames))
+        return frames
 
 
 class MqttAudioInput:
     """Subscribes to ``<prefix>/audio/+`` and offers each new stream: ``async for s in mqtt.streams()``.
 
     A stream closed by its consumer is ignored until its sender publishes the end (an empty payload).
+
+    ``claim(stream_id, offset)``: asked for a payload of a stream that is not open here; False leaves the
+    stream to another engine and hands the payload to ``on_other(stream_id, payload, offset)`` instead (the
+    end of such a stream too). Default: every stream is opened here. :meth:`attach` and :meth:`detach` move
+    a running stream in and out (``streamwavlm worker``).
     """
 
     def __init__(self, broker: str = "mqtt://127.0.0.1:1883", *, prefix: str = "streamwavlm", qos: int = 1,
                  queue_size: int = 64, max_pending: int = 16, identifier: str | None = None,
                  username: str | None = None, password: str | None = None, protocol: Protocol | None = None,
                  tls: TLSOptions | None = None, timeout: float = 10.0, keepalive: int = 30,
-                 max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+                 max_payload_bytes: int = MAX_PAYLOAD_BYTES, claim: Claim | None = None,
+                 on_other: Other | None = None) -> None:
         if max_payload_bytes < 2:
             raise ValueError(f"max_payload_bytes must be at least 2 (one sample), got {max_payload_bytes}")
         self.max_payload_bytes = max_payload_bytes
@@ -142,6 +195,8 @@ class MqttAudioInput:
         self._pending: asyncio.Queue[MqttAudioStream | None] = asyncio.Queue(max_pending)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._claim = claim
+        self._on_other = on_other
 
     async def start(self) -> None:
         """Connect and subscribe."""
@@ -189,7 +244,7 @@ class MqttAudioInput:
                 stream_id = message.topic.value.rsplit("/", 1)[-1]
                 payload = message.payload if isinstance(message.payload, bytes) else b""
                 try:
-                    await self._on_message(stream_id, payload)
+                    await self.feed(stream_id, payload, message_offset(message))
                 except Exception as e:  # a bug of ours must not stop the other streams
                     log.exception("MQTT audio stream %r: internal error", stream_id)
                     await self._fail(stream_id, "internal_error", f"internal error: {e!r}")
@@ -199,10 +254,17 @@ class MqttAudioInput:
                 self._streams[stream_id].stats.error(f"broker connection lost ({e})")
                 self._end(stream_id)
 
-    async def _on_message(self, stream_id: str, payload: bytes) -> None:
+    async def feed(self, stream_id: str, payload: bytes, offset: int | None = None) -> None:
+        """Take one message of the stream (as if it had just arrived): the input's own loop calls it, and a
+        caller replays with it the messages it kept for a stream it now attaches (:meth:`attach`)."""
         if not STREAM_ID.fullmatch(stream_id):
             log.warning("ignored MQTT audio on invalid stream id %r", stream_id)
             return
+        if stream_id not in self._streams and self._claim is not None and not self._claim(stream_id, offset):
+            if self._on_other is not None:
+                self._on_other(stream_id, payload, offset)
+            if stream_id not in self._streams:  # unless on_other attached it: then this message is its first
+                return
         if not payload:
             self._ignored.discard(stream_id)
             self._end(stream_id)
@@ -236,10 +298,28 @@ class MqttAudioInput:
                 return
             self._streams[stream_id] = stream
         stream.stats.samples_in += len(decoded.frames)
+        frames = stream.place(decoded.frames, offset)
         start = stream.resampler.output_index
-        samples = stream.resampler.process(mixdown(decoded.frames))
+        samples = stream.resampler.process(mixdown(frames))
         if len(samples):  # never waits: the queue drops its oldest chunk when full
             stream.queue.put_nowait(AudioChunk(stream_id, samples, start, time.monotonic()))
+
+    def attach(self, stream_id: str, rate: int, wav: bool, start: int) -> MqttAudioStream:
+        """Open a stream here that was served elsewhere until now: its audio (of the form and rate it has)
+        is taken from the 16 kHz stream index ``start`` on (earlier messages, replayed with :meth:`feed`,
+        are trimmed). The caller hands the returned source to its engine."""
+        if stream_id in self._streams:
+            raise ValueError(f"MQTT audio stream {stream_id!r} is already open here")
+        self._ignored.discard(stream_id)
+        stream = MqttAudioStream(stream_id, rate, wav, queue_size=self.queue_size, owner=self)
+        stream.start_at(math.ceil(start * rate / SAMPLE_RATE))
+        self._streams[stream_id] = stream
+        return stream
+
+    def detach(self, stream_id: str) -> MqttAudioStream | None:
+        """Stop feeding a stream here (another engine takes it over): its later messages go to ``claim``
+        and ``on_other`` like those of any stream not open here. Returns the stream, or None."""
+        return self._streams.pop(stream_id, None)
 
     async def _fail(self, stream_id: str, code: str, message: str) -> None:
         """End the stream with an error, log it and tell the sender on ``.../<stream_id>/error``."""
@@ -281,7 +361,8 @@ async def publish_audio(client: aiomqtt.Client, prefix: str, stream_id: str, fra
     """Publish int16 ``frames`` (``(N,)`` or ``(N, channels)``) as one stream, then its end.
 
     Raw form (``wav=False``) needs 16 kHz mono; WAV chunks carry any supported rate and channel count.
-    ``frame_samples`` defaults to 20 ms; ``realtime`` paces the messages at the audio's own speed.
+    ``frame_samples`` defaults to 20 ms; ``realtime`` paces the messages at the audio's own speed. On an
+    MQTT 5 client every message carries its ``offset`` (see the module's docstring).
     """
     frames = frames.reshape(len(frames), -1).astype(np.int16, copy=False)
     if not wav and (sample_rate != SAMPLE_RATE or frames.shape[1] != 1):
@@ -289,6 +370,7 @@ async def publish_audio(client: aiomqtt.Client, prefix: str, stream_id: str, fra
                          "channel(s); publish WAV chunks (wav=True) or resample first")
     topic = audio_topic(prefix, stream_id)
     step = frame_samples or max(1, sample_rate // 50)
+    v5 = getattr(getattr(client, "_client", None), "protocol", None) == aiomqtt.ProtocolVersion.V5
     t0 = time.monotonic()
     for i in range(0, len(frames), step):
         block = frames[i:i + step]
@@ -298,10 +380,16 @@ async def publish_audio(client: aiomqtt.Client, prefix: str, stream_id: str, fra
             payload = buf.getvalue()
         else:
             payload = block.astype("<i2").tobytes()
-        await client.publish(topic, payload, qos=qos)
+        await client.publish(topic, payload, qos=qos, properties=_offset(i) if v5 else None)
         if realtime:
             await asyncio.sleep(max(0.0, t0 + (i + step) / sample_rate - time.monotonic()))
     await client.publish(topic, b"", qos=qos)
+
+
+def _offset(index: int) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.UserProperty = [(OFFSET, str(index))]
+    return props
 
 
 async def publish_file(client: aiomqtt.Client, prefix: str, stream_id: str, path: str | Path, *,

@@ -11,21 +11,47 @@ otherwise one copy joins the pieces. Every sample is accounted for:
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Ledger:
+    """The counters of an empty queue, so another engine can continue a stream's ledger where this one left
+    it (a stream handed over between workers). ``origin``: the stream index of the first sample the ledger
+    accounts for (non-zero for a stream taken over mid-way without its history)."""
+
+    origin: int = 0
+    received: int = 0
+    gap_filled: int = 0
+    taken: int = 0
+    dropped: int = 0
+
+    @property
+    def next_start(self) -> int:
+        """The stream index of the first sample not accounted for."""
+        return self.origin + self.received + self.gap_filled
+
+
 class SampleQueue:
-    def __init__(self) -> None:
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        ledger = ledger or Ledger()
         self._pieces: deque[tuple[np.ndarray, float]] = deque()  # (samples, arrival time of their last sample)
         self._len = 0
-        self.received = 0  # samples put by the source
-        self.gap_filled = 0  # samples of silence inserted where the source's indices jumped
-        self.taken = 0  # samples handed to the encoder
-        self.dropped = 0  # samples discarded by the overload policy
-        self.next_start = 0  # stream index the next piece is expected to start at
+        self.origin = ledger.origin  # stream index of the first sample accounted for
+        self.received = ledger.received  # samples put by the source
+        self.gap_filled = ledger.gap_filled  # samples of silence inserted where the source's indices jumped
+        self.taken = ledger.taken  # samples handed to the encoder
+        self.dropped = ledger.dropped  # samples discarded by the overload policy
+        self.next_start = ledger.next_start  # stream index the next piece is expected to start at
         self.last_arrival = 0.0  # arrival time of the newest sample taken
-        self._drops: deque[tuple[int, int]] = deque()  # (taken count when dropping, cumulative dropped)
+        # (taken count when dropping, cumulative dropped)
+        self._drops: deque[tuple[int, int]] = deque([(ledger.taken, ledger.dropped)] if ledger.dropped else [])
+
+    def ledger(self) -> Ledger:
+        """The counters, with the queued samples counted as not yet received (hand them over with it)."""
+        return Ledger(self.origin, self.received - self._len, self.gap_filled, self.taken, self.dropped)
 
     def __len__(self) -> int:
         return self._len
@@ -99,5 +125,5 @@ class SampleQueue:
         while len(self._drops) > 1 and self._drops[1][0] <= taken_position:
             self._drops.popleft()
         if self._drops and self._drops[0][0] <= taken_position:
-            return taken_position + self._drops[0][1]
-        return taken_position
+            return self.origin + taken_position + self._drops[0][1]
+        return self.origin + taken_position

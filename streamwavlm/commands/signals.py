@@ -134,6 +134,13 @@ def rename(prog: str) -> None:
         _guard.prog = prog
 
 
+def allow(seconds: float) -> None:
+    """Give the running command ``seconds`` (when longer than GRACE) from the first signal to the forced
+    exit: a worker's drain hands its streams over through the broker, which takes longer than a flush."""
+    if _guard is not None:
+        _guard.grace = max(_guard.grace, seconds)
+
+
 def stop_event() -> asyncio.Event:
     """An event the first SIGINT/SIGTERM sets (instead of raising KeyboardInterrupt); call it from the
     running loop of an async command. Without :func:`guarded` (a library caller) it is only set by the

@@ -93,6 +93,8 @@ class Publisher:
         broker: URL ``mqtt[s]://[user[:password]@]host[:port][?protocol=5|3.1.1]``.
         prefix: topic prefix (one or more levels).
         engine_id: name reported in status payloads (default ``host:pid``).
+        status_id: the pseudo stream id of the engine's own status topic and last will (default
+            ``_engine``; one of several engines sharing a prefix takes its own, e.g. ``_engine.<name>``).
         protocol: ``"5"`` or ``"3.1.1"``; default: the URL's ``protocol`` parameter, else ``"5"``.
         qos: QoS per kind (``"status"`` included); kinds not listed use QoS 1.
         outbox_size: data messages queued at most; beyond it the oldest is dropped and counted.
@@ -118,12 +120,15 @@ class Publisher:
         message_expiry: float | None = None, status_interval: float | None = 10.0,
         connect_timeout: float | None = 10.0, close_timeout: float = 5.0, timeout: float = 10.0,
         keepalive: int = 30, reconnect_first: float = 0.1, reconnect_max: float = 10.0,
-        max_size: int = DEFAULT_MAX_SIZE,
+        max_size: int = DEFAULT_MAX_SIZE, status_id: str = ENGINE_ID,
     ) -> None:
         self._conn = Connection.create(broker, username=username, password=password, protocol=protocol,
                                        tls=tls, timeout=timeout, keepalive=keepalive)
         self.prefix = topics.check_prefix(prefix)
         self.engine_id = engine_id or f"{socket.gethostname()}:{os.getpid()}"
+        if not topics.check_level(status_id, "status_id").startswith("_"):
+            raise ValueError(f"status_id {status_id!r} must start with '_' (stream ids never do)")
+        self.status_id = status_id
         self.qos = {**DEFAULT_QOS, **(qos or {})}
         if any(q not in (0, 1, 2) for q in self.qos.values()):
             raise ValueError(f"QoS values must be 0, 1 or 2: {self.qos}")
@@ -232,6 +237,13 @@ class Publisher:
         """Mark a stream offline (after its queued messages)."""
         self.set_status(stream_id, state="offline")
 
+    def forget(self, stream_id: str) -> None:
+        """Stop reporting a stream that another engine serves now: its queued status report is withdrawn
+        and close does not mark it offline. Its data messages already queued are still sent."""
+        if self._streams.pop(stream_id, None) is not None and stream_id in self._status_queued:
+            self._status_queued.discard(stream_id)
+            self._outbox = deque(i for i in self._outbox if i.payload is not None or i.stream_id != stream_id)
+
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued is confirmed; False if ``timeout`` passed first."""
         try:
@@ -306,11 +318,12 @@ class Publisher:
             if item.payload is not None:
                 del self._outbox[i]
                 self._counters.outbox_overflow += 1
-                self._streams[item.stream_id].outbox_overflow += 1
+                if item.stream_id in self._streams:
+                    self._streams[item.stream_id].outbox_overflow += 1
                 return
 
     def _status_topic(self, stream_id: str) -> str:
-        return topics.topic(self.prefix, stream_id, STATUS)
+        return topics.topic(self.prefix, self.status_id if stream_id == ENGINE_ID else stream_id, STATUS)
 
     def _status(self, stream_id: str) -> Status:
         if stream_id == ENGINE_ID:
@@ -318,7 +331,7 @@ class Publisher:
             counters = {"published": c.published, "outbox_overflow": c.outbox_overflow,
                         "reconnects": c.reconnects,
                         "dropped": sum(s.dropped for s in self._streams.values())}
-            return Status(ENGINE_ID, self._engine.state, time.time(), self.engine_id, counters,
+            return Status(self.status_id, self._engine.state, time.time(), self.engine_id, counters,
                           {"epoch": self.epoch, "streams": len(self._streams), "wire_version": VERSION})
         s = self._streams[stream_id]
         return Status(stream_id, s.state, time.time(), self.engine_id, self.stream_counters(stream_id),
@@ -358,11 +371,11 @@ class Publisher:
         return props
 
     def _will(self) -> aiomqtt.Will:
-        status = Status(ENGINE_ID, "offline", time.time(), self.engine_id, {},
+        status = Status(self.status_id, "offline", time.time(), self.engine_id, {},
                         {"reason": "connection lost (last will)", "epoch": self.epoch})
         return aiomqtt.Will(self._status_topic(ENGINE_ID), encode_status(status), self.qos.get(STATUS, 1),
                             retain=True,
-                            properties=self._json_properties([("stream_id", ENGINE_ID), ("state", "offline")],
+                            properties=self._json_properties([("stream_id", self.status_id), ("state", "offline")],
                                                              PacketTypes.WILLMESSAGE))
 
     async def _run(self) -> None:
@@ -448,7 +461,8 @@ class Publisher:
         for item, r in zip(items, results, strict=True):
             if r is None and item.payload is not None:
                 self._counters.published += 1
-                self._streams[item.stream_id].published += 1
+                if item.stream_id in self._streams:  # not forgotten meanwhile
+                    self._streams[item.stream_id].published += 1
         errors = [r for r in results if r is not None]
         if errors:
             raise errors[0] if isinstance(errors[0], aiomqtt.MqttError) else aiomqtt.MqttError(str(errors[0]))
