@@ -114,6 +114,9 @@ def gated_rel_attention_torch(
     one batched score tensor, so nothing is gathered (a gather of the rows' K/V costs a full extra pass over
     them) and the bias, masks and softmax stay batched. Nothing is written back: the caller writes only the
     new entries into its rings.
+
+    bf16 ``q`` (the CPU's bf16 and int8 precisions): both products run in bf16 (fp32 accumulation, 2.2x the
+    fp32 speed at a 128 x 499 block); the scores are widened to fp32 for the bias, mask and softmax.
     """
     memo = {} if memo is None else memo
     scattered: list[int] | None = None
@@ -135,13 +138,13 @@ def _row_plan(rows: Tensor) -> tuple[int, list[int] | None]:
 
 
 def _matmul(a: Tensor, b: Tensor, rows: list[int] | None) -> Tensor:
-    """``a (B, H, m, n) @ b (B, H, n, p)`` in fp32, or ``a[i] @ b[rows[i]]`` for a larger ``b`` without
-    copying it."""
+    """``a (B, H, m, n) @ b (B, H, n, p)`` in the dtype of ``a``, or ``a[i] @ b[rows[i]]`` for a larger ``b``
+    without copying it."""
     if rows is None:
-        return torch.matmul(a, b.float())
+        return torch.matmul(a, b.to(a.dtype))
     out = a.new_empty(*a.shape[:-1], b.shape[-1])
     for i, r in enumerate(rows):
-        torch.matmul(a[i], b[r].float(), out=out[i])
+        torch.matmul(a[i], b[r].to(a.dtype), out=out[i])
     return out
 
 
@@ -165,14 +168,14 @@ def _attend_blocks(
             memo[s] = _block_terms(table, layout, s, e, ext, heads, max_d)
         bias, mask_add, empty = memo[s]
         qb, gb = (q[:, :, s:e].flip(2), gate[:, :, s:e].flip(2)) if ext is not None else (q[:, :, s:e], gate[:, :, s:e])
-        scores = _matmul(qb.float() * scale, kt, rows)
+        scores = _matmul(qb * scale, kt, rows).float()
         scores.addcmul_(gb[..., None].float(), bias)
         if mask_add is not None:
             scores.add_(mask_add)
         probs = torch.softmax(scores, dim=-1)
         if empty is not None:  # a query with no allowed key gives 0 (as the Triton kernel), not a mean of v
             probs.masked_fill_(empty, 0.0)
-        block = _matmul(probs, v, rows)
+        block = _matmul(probs.to(q.dtype), v, rows)
         out[:, :, s:e] = block.flip(2) if ext is not None else block
     return out
 

@@ -216,12 +216,14 @@ def resolve(dtype: str, allow_emulated: bool = True) -> Choice:
 
 
 def conv_precision(precision: Precision) -> Precision:
-    """The precision of the CNN's convolutions 1.. under a model precision.
+    """The precision of the products outside the linear layers under a model precision: the CNN's
+    convolutions 1.., the positional convolution and the attention's two products (with q, k, v and a
+    pool's K/V rings kept in it).
 
     Every linear layer follows the model precision (int8 in every layer type measured above 0.9998 cosine:
-    docs/precision.md). The convolutions have no int8 path, so under int8 they run in bf16 where that is
-    native. Conv 0 (one input channel, 0.2 % of the FLOPs), the positional convolution, the x-vector head,
-    every normalisation, softmax and the relative-position bias stay fp32 in every mode.
+    docs/precision.md). The convolutions and the attention have no int8 path, so under int8 they run in bf16
+    where that is native. Conv 0 (one input channel, 0.2 % of the FLOPs), the x-vector head, every
+    normalisation, softmax, the gate and the relative-position bias stay fp32 in every mode.
     """
     if precision == "int8":
         return "bfloat16" if missing("bfloat16") is None else "float32"
@@ -236,7 +238,12 @@ def apply(model: nn.Module, precision: Precision) -> None:
         for module in model.modules():
             if isinstance(module, Linear):
                 module.derive()
-    model.frontend.derive(conv_precision(precision))  # type: ignore[union-attr,operator]
+    low = conv_precision(precision)
+    dtype = torch.bfloat16 if low == "bfloat16" else torch.float32
+    for layer in model.encoder.layers:  # type: ignore[union-attr]
+        layer.attn.kv_dtype = dtype
+    model.encoder.pos_conv.derive(dtype)  # type: ignore[union-attr,operator]
+    model.frontend.derive(low)  # type: ignore[union-attr,operator]
 
 
 def set_precision(model: nn.Module, dtype: str | Choice = "auto", allow_emulated: bool = True) -> Choice:

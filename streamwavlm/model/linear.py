@@ -97,7 +97,7 @@ class PackedInt8(Packed):
         self.bias = None if bias is None else bias.detach().float()
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = _rows(x)
+        x = _rows(x).float()
         row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(_TINY) / 127
         # round(x / s) + 128 in two passes: x / s + 128.5 lies in [1.5, 255.5] and the cast truncates
         q = torch.addcmul(_HALF_UP, x, row_scale.reciprocal()).to(torch.uint8)
@@ -120,10 +120,14 @@ def pack(weight: Tensor, bias: Tensor | None) -> Packed | None:
         return PackedInt8(weight, bias) if precision == "int8" else PackedFloat(weight, bias, precision)
 
 
+# activations a packed linear takes: fp32, and bf16 (the attention output under the bf16 and int8 precisions)
+_INPUTS = (torch.float32, torch.bfloat16)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Packed | None) -> Tensor:
-    """``x @ weight.T + bias``, through the packed weights when they apply to this call."""
-    if packed is None or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
-        return F.linear(x, weight, bias)
+    """``x @ weight.T + bias`` in fp32, through the packed weights when they apply to this call."""
+    if packed is None or x.device.type != "cpu" or x.dtype not in _INPUTS or torch.is_grad_enabled():
+        return F.linear(x.to(weight.dtype), weight, bias)
     return packed(x)
 
 
