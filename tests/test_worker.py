@@ -201,7 +201,8 @@ def test_workers_share_streams_and_hand_them_over_with_no_gap(hf_models, model, 
         events["sigkill"] = time.monotonic() - t0
         workers[2].proc.kill()  # w2: no drain, no hand-over
         await producer
-        await asyncio.sleep(3.0)  # the last flushes
+        while time.monotonic() - max(m[0] for r in got.values() for m in r.messages) < 1.0:
+            await asyncio.sleep(0.1)  # the last flushes: until nothing arrived for 1 s
         collector.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await collector

@@ -144,3 +144,39 @@ def test_an_engine_releases_a_stream_between_steps_and_another_continues_it(mode
     frames = torch.cat([o.chunk.frames[0] for o in got["s"]])
     assert torch.equal(frames, solo_frames(model, wav))
     assert [o.stream_frame for o in got["s"]] == [o.chunk.first_frame for o in got["s"]]
+
+
+def test_mqtt_audio_offsets_skip_repeats_fill_losses_and_place_an_attached_stream(mosquitto):
+    """A repeated message is skipped, a lost one leaves a gap of its length (the engine fills it with
+    silence); a stream attached mid-way starts at the asked sample, earlier audio trimmed."""
+    import aiomqtt
+
+    from streamwavlm.audio.mqtt_audio import MqttAudioInput, _offset
+
+    wav = (np.arange(1600) % 200 - 100).astype(np.int16)
+    sends = [(0, 320), (320, 640), (320, 640), (960, 1280), (1280, 1600)]  # a repeat; 640..960 lost
+    kept: list[tuple[bytes, int | None]] = []
+
+    async def main():
+        async with MqttAudioInput(mosquitto.url, prefix="o") as inp, \
+                MqttAudioInput(mosquitto.url, prefix="o", claim=lambda s, o: False,
+                               on_other=lambda s, p, o: kept.append((p, o))) as other:
+            async with aiomqtt.Client("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+                for a, b in sends:
+                    await c.publish("o/audio/s", wav[a:b].tobytes(), qos=1, properties=_offset(a))
+                await c.publish("o/audio/s", b"", qos=1)
+                stream = await anext(inp.streams())
+                chunks = [chunk async for chunk in stream]
+            while len(kept) < len(sends) + 1:
+                await asyncio.sleep(0.01)
+            attached = other.attach("s", 16000, False, start=400)
+            for payload, offset in kept:
+                await other.feed("s", payload, offset)
+            return chunks, [chunk async for chunk in attached]
+
+    chunks, attached = asyncio.run(asyncio.wait_for(main(), 30))
+    assert [(c.start, len(c.samples)) for c in chunks] == [(0, 320), (320, 320), (960, 320), (1280, 320)]
+    assert np.array_equal(np.concatenate([c.samples for c in chunks]) * 32768,
+                          np.concatenate([wav[:640], wav[960:]]))
+    assert [(c.start, len(c.samples)) for c in attached] == [(400, 240), (960, 320), (1280, 320)]
+    assert np.array_equal(attached[0].samples * 32768, wav[400:640])

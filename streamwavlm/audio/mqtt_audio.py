@@ -156,8 +156,9 @@ class MqttAudioStream(QueuedSource):
             tail = self.resampler.skip(offset - self.next_offset)
             if len(tail):
                 self.queue.put_nowait(AudioChunk(self.stream_id, tail, start, time.monotonic()))
+        end = offset + len(frames)
         frames = frames[max(0, self.next_offset - offset):]
-        self.next_offset = max(self.next_offset, offset + len(frames))
+        self.next_offset = max(self.next_offset, end)
         return frames
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiomqtt
@@ -38,6 +40,7 @@ from ..mqtt.message import EMBEDDINGS, XVECTOR
 from ..mqtt.publisher import Publisher
 from ..mqtt.sink import MqttSink
 from ..streaming import PoolFull, StreamPool
+from ..streaming.state import map_tensors
 from .handover import Handover, HandoverError, decode_handover, encode_handover
 from .membership import GroupTopics, Member, StreamRecord
 from .rendezvous import owner
@@ -77,7 +80,7 @@ class _Kept:
 class Worker:
     """``await Worker(pool, options).run(stop)`` serves until ``stop`` is set, then drains."""
 
-    def __init__(self, pool: StreamPool, options: WorkerOptions, *, say: object = print) -> None:
+    def __init__(self, pool: StreamPool, options: WorkerOptions, *, say: Callable[[str], None] = print) -> None:
         self.pool = pool
         self.o = options
         self.me = options.name
@@ -111,7 +114,7 @@ class Worker:
         now = time.monotonic()
         kept = self.kept.setdefault(stream_id, _Kept(deque(), 0.0))
         kept.messages.append((now, payload, offset))
-        if not kept.since:
+        if not kept.since or now - kept.since > self.o.handover_timeout:  # all of it while a hand-over is due
             while kept.messages and kept.messages[0][0] < now - self.o.handover_window:
                 kept.messages.popleft()
         if not payload:  # the end of the stream: nothing more to take over
@@ -253,7 +256,7 @@ class Worker:
 
     async def _release(self, stream_id: str, target: str) -> None:
         source = self.audio.detach(stream_id)
-        if source is None:  # its audio has ended: it finishes here
+        if source is None or stream_id not in self.engine.streams:  # it ended (or ends) here
             return
         released = await self.engine.release(stream_id)
         epoch, seqs = self.sink.position(stream_id)
@@ -277,15 +280,24 @@ class Worker:
             log.error("worker %s: refused a hand-over: %s", self.me, e)
             return
         sid = h.stream_id
+        target = owner(sid, [m for m in self.live() if m != self.me])
+        if self.draining and target is not None:  # handed to us as we leave: pass it on
+            self._record(StreamRecord(sid, target, h.epoch))
+            await self.control.publish(self.topics.handover(target), encode_handover(
+                dataclasses.replace(h, sender=self.me, recipient=target)), qos=1)
+            self.say(f"worker {self.me}: passed stream {sid} on to {target}")
+            return
         if sid in self.engine.streams or h.state is None:
             log.warning("worker %s: hand-over of stream %s ignored (%s)", self.me, sid,
                         "already served here" if h.state is None else "it had failed")
             return
+        device = next(self.pool.model.parameters()).device
+        state = map_tensors(h.state, lambda t: t.to(device))  # the wire's tensors are on the CPU
         kept = self.kept.pop(sid, None)
         source = self.audio.attach(sid, h.rate, h.wav, h.resume_at)
         for _, message, offset in kept.messages if kept else ():
             await self.audio.feed(sid, message, offset)
-        if self._serve(source, Resume(h.state, h.ledger, h.backlog), h.epoch, h.seqs,
+        if self._serve(source, Resume(state, h.ledger, h.backlog), h.epoch, h.seqs,
                        {"owner": self.me, "handover_from": h.sender, "failover": None}):
             self.say(f"worker {self.me}: took stream {sid} (handover from {h.sender}) at sample {h.resume_at}")
 
