@@ -180,3 +180,30 @@ def test_mqtt_audio_offsets_skip_repeats_fill_losses_and_place_an_attached_strea
                           np.concatenate([wav[:640], wav[960:]]))
     assert [(c.start, len(c.samples)) for c in attached] == [(400, 240), (960, 320), (1280, 320)]
     assert np.array_equal(attached[0].samples * 32768, wav[400:640])
+
+
+def test_a_bf16_pool_state_travels_in_its_own_dtype(hf_models, speech):
+    """Under --dtype bfloat16 the K/V rings are bf16: the hand-over carries them as they are (the format
+    follows the state field by field), and the continued stream equals the uninterrupted one."""
+    from streamwavlm.checkpoint import model_from_setting
+
+    try:
+        bf16, _ = model_from_setting(str(hf_models["base"][1]), dtype="bfloat16")
+    except ValueError as e:  # a CPU that would emulate bf16 refuses it
+        pytest.skip(str(e))
+    wav = speech.numpy()[:12000]
+    a, b = StreamPool(bf16, SETTINGS), StreamPool(bf16, SETTINGS, capacity=2)
+    slot = a.open("s")
+    pos = 0
+    for _ in range(3):
+        n = a.need(slot)
+        a.step({slot: wav[pos:pos + n]})
+        pos += n
+    h = decode_handover(encode_handover(handover_of(a, slot, bf16)), SETTINGS, model_fingerprint(bf16))
+    assert {t.dtype for t in h.state.tensors.rings.keys} == {t.dtype for t in a.save(slot).tensors.rings.keys} == {
+        torch.bfloat16}
+    b.open("x")
+    slot_b = b.open("s")
+    b.restore(slot_b, h.state)
+    n = a.need(slot)
+    assert torch.equal(a.step({slot: wav[pos:pos + n]})[0].frames, b.step({slot_b: wav[pos:pos + n]})[0].frames)
