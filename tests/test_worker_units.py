@@ -207,3 +207,18 @@ def test_a_bf16_pool_state_travels_in_its_own_dtype(hf_models, speech):
     b.restore(slot_b, h.state)
     n = a.need(slot)
     assert torch.equal(a.step({slot: wav[pos:pos + n]})[0].frames, b.step({slot_b: wav[pos:pos + n]})[0].frames)
+
+
+def test_worker_command_mistakes_are_one_line(capsys, mosquitto, hf_models):
+    from streamwavlm.cli import main
+
+    assert main(["worker", "--broker", "mqtt://127.0.0.1:1", "--group", "g"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot connect to MQTT broker" in err, err
+    assert main(["worker", "--broker", mosquitto.url, "--group", "g", "--name", "a/b", "--checkpoint",
+                 str(hf_models["base"][1])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "worker name 'a/b'" in err, err
+    with pytest.raises(SystemExit):
+        main(["worker", "--group", "g"])
+    assert "--broker" in capsys.readouterr().err
