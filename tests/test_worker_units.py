@@ -222,3 +222,39 @@ def test_worker_command_mistakes_are_one_line(capsys, mosquitto, hf_models):
     with pytest.raises(SystemExit):
         main(["worker", "--group", "g"])
     assert "--broker" in capsys.readouterr().err
+
+
+def test_a_full_worker_refuses_a_new_stream_and_a_lone_worker_drains_by_ending_its_streams(model, mosquitto):
+    """In-process Worker at capacity 1: the second new stream is told server_busy on its error topic (and
+    ignored until its sender ends it); on stop, with no other member to hand to, the stream is flushed."""
+    import aiomqtt
+
+    from streamwavlm.audio.mqtt_audio import _offset
+    from streamwavlm.cluster.worker import Worker, WorkerOptions
+
+    lines: list[str] = []
+    block = (np.sin(np.arange(320) / 5) * 8000).astype(np.int16).tobytes()
+
+    async def main():
+        worker = Worker(StreamPool(model, SETTINGS, capacity=1), WorkerOptions(
+            mosquitto.url, "g", "solo", "m", "fp", audio_prefix="a", prefix="p"), say=lines.append)
+        stop = asyncio.Event()
+        running = asyncio.create_task(worker.run(stop))
+        await asyncio.wait_for(worker.joined.wait(), 20)
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
+            await c.subscribe("a/audio/+/error")
+            for i in range(10):
+                for sid in ("first", "second"):
+                    await c.publish(f"a/audio/{sid}", block, qos=1, properties=_offset(320 * i))
+            message = await asyncio.wait_for(anext(aiter(c.messages)), 10)
+            assert message.topic.value == "a/audio/second/error"
+            assert json.loads(message.payload)["code"] == "server_busy"
+            while worker.engine.streams["first"].status.frames_out == 0:
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(running, 20)
+        return worker
+
+    worker = asyncio.run(asyncio.wait_for(main(), 60))
+    assert lines[1:] == ["worker solo: took stream first (new)", "worker solo: drained (0 stream(s) handed over)"]
+    assert worker.engine.finished["first"].state == "closed" and "second" not in worker.engine.finished

@@ -261,6 +261,8 @@ class MqttAudioInput:
         if not STREAM_ID.fullmatch(stream_id):
             log.warning("ignored MQTT audio on invalid stream id %r", stream_id)
             return
+        if payload and stream_id in self._ignored:  # refused or closed here: until its sender ends it
+            return
         if stream_id not in self._streams and self._claim is not None and not self._claim(stream_id, offset):
             if self._on_other is not None:
                 self._on_other(stream_id, payload, offset)

@@ -33,6 +33,7 @@ import aiomqtt
 
 from ..audio.mqtt_audio import MqttAudioInput, MqttAudioStream, decode_payload
 from ..audio.queue import Ledger
+from ..audio.source import refuse
 from ..audio.validate import SAMPLE_RATE, AudioError
 from ..engine import Engine, Resume, StreamStatus
 from ..mqtt.connection import BrokerUnavailable, Connection
@@ -152,7 +153,7 @@ class Worker:
         seqs = {} if rec is None else {EMBEDDINGS: -(-frame // s.chunk),
                                        XVECTOR: -(-frame // s.xvector.hop) if s.xvector else 0}
         source = self.audio.attach(stream_id, decoded.rate, decoded.wav, start)
-        how = "a stream nobody served" if rec is None else f"failover from {rec.owner}, lost"
+        how = "a stream nobody served" if rec is None else f"failover from {rec.owner}"
         info = {"owner": self.me, "failover": None if rec is None else {
             "from": rec.owner, "resumed_at_frame": frame,
             "reason": f"worker {rec.owner} left the group without handing the stream over"}}
@@ -166,9 +167,8 @@ class Worker:
         sid = source.stream_id
         try:
             self.engine.add(source, sid, resume=resume)
-        except PoolFull as e:
-            self.audio.detach(sid)
-            log.warning("worker %s: cannot take stream %s: %s", self.me, sid, e)
+        except PoolFull as e:  # the sender is told, and the stream ignored here until it ends
+            self._spawn(refuse(source, "server_busy", f"worker {self.me}: {e}"))
             return False
         self.sink.resume(sid, epoch, seqs)
         self.publisher.set_status(sid, info=info)
