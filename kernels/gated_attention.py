@@ -156,27 +156,32 @@ def _attend_blocks(
     tk = k.shape[2]
     max_d = (table.shape[1] - 1) // 2
     scale = dim**-0.5
-    table = table.to(device=q.device, dtype=torch.float32)
-    kt = k.transpose(-1, -2)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if "ext" not in memo:
+    if "ext" not in memo:  # what the layers of one forward share is derived by the first of them
+        memo["table"] = table = table.to(device=q.device, dtype=torch.float32)
         memo["ext"] = _diagonal_bias(table, tk, max_d) if _consecutive(layout.q_pos, layout.k_pos) else None
-    ext = memo["ext"]
+    table, ext = memo["table"], memo["ext"]
+    kt = k.transpose(-1, -2)
+    # one block (a streaming chunk) is the output itself; several are written into one tensor
+    out = None if 0 < tq <= block_q else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     for s in range(0, tq, block_q):
         e = min(s + block_q, tq)
         if s not in memo:
             memo[s] = _block_terms(table, layout, s, e, ext, heads, max_d)
         bias, mask_add, empty = memo[s]
         qb, gb = (q[:, :, s:e].flip(2), gate[:, :, s:e].flip(2)) if ext is not None else (q[:, :, s:e], gate[:, :, s:e])
-        scores = _matmul(qb * scale, kt, rows).float()
-        scores.addcmul_(gb[..., None].float(), bias)
+        # + gate * bias in fp32 (gate and bias are fp32, so bf16 products are widened by the same op)
+        scores = torch.addcmul(_matmul(qb * scale, kt, rows), gb[..., None], bias)
         if mask_add is not None:
             scores.add_(mask_add)
         probs = torch.softmax(scores, dim=-1)
         if empty is not None:  # a query with no allowed key gives 0 (as the Triton kernel), not a mean of v
             probs.masked_fill_(empty, 0.0)
         block = _matmul(probs.to(q.dtype), v, rows)
-        out[:, :, s:e] = block.flip(2) if ext is not None else block
+        block = block.flip(2) if ext is not None else block
+        if out is None:
+            return block
+        out[:, :, s:e] = block
+    assert out is not None
     return out
 
 

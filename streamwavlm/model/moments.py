@@ -33,11 +33,12 @@ class Moments:
         False are left as they are (a frozen statistic)."""
         if x.shape[1] == 0:
             return
-        # this piece's mean and variance in one pass over x in its own dtype (2x faster than sums over an
-        # fp64 copy), accurate to its rounding over one piece; pieces add up in fp64
-        var, mean = (m.double() for m in torch.var_mean(x, 1, correction=0))
+        # one piece's sums in x's own dtype, over time as the innermost dimension (x is usually a transposed
+        # view of a channels-first tensor), as contiguous dot products: two orders of magnitude faster than
+        # over an fp64 copy, and as exact as the rounding of one piece; the pieces add up in fp64
+        y = x.movedim(1, -1)
+        total, squares = y.sum(-1).double(), torch.linalg.vecdot(y, y).double()
         n = float(x.shape[1])
-        total, squares = mean * n, (var + mean * mean) * n
         count = torch.full_like(self.count, n)
         if update is not None:
             keep = update.view(-1, *([1] * (total.dim() - 1)))
