@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import struct
+import time
 from collections import Counter
 
 import numpy as np
@@ -258,3 +259,25 @@ def test_a_full_worker_refuses_a_new_stream_and_a_lone_worker_drains_by_ending_i
     worker = asyncio.run(asyncio.wait_for(main(), 60))
     assert lines[1:] == ["worker solo: took stream first (new)", "worker solo: drained (0 stream(s) handed over)"]
     assert worker.engine.finished["first"].state == "closed" and "second" not in worker.engine.finished
+
+
+def test_a_worker_that_loses_the_broker_stops_with_one_reason(model, mosquitto):
+    """Its streams move to the others (the broker's will); it must not go on serving them: run() raises
+    BrokerUnavailable (the CLI's one line and exit 2) within seconds."""
+    from streamwavlm.cluster.worker import Worker, WorkerOptions
+    from streamwavlm.mqtt import BrokerUnavailable
+
+    async def main():
+        worker = Worker(StreamPool(model, SETTINGS), WorkerOptions(mosquitto.url, "g", "w", "m", "fp", keepalive=1),
+                        say=lambda line: None)
+        running = asyncio.create_task(worker.run(asyncio.Event()))
+        await asyncio.wait_for(worker.joined.wait(), 20)
+        mosquitto.kill()
+        t0 = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="lost the broker"):
+            await asyncio.wait_for(running, 20)
+        return time.monotonic() - t0
+
+    took = asyncio.run(main())
+    print(f"stopped {took:.2f} s after the broker died")
+    assert took < 10

@@ -217,7 +217,9 @@ class Worker:
                         self._on_member(name, payload)
                     elif kind == "streams":
                         if payload:
-                            self.records[name] = StreamRecord.decode(payload)
+                            rec = self.records[name] = StreamRecord.decode(payload)
+                            if rec.owner == self.me and name in self.kept:  # released to us: the state comes
+                                self.kept[name].since = time.monotonic()  # next; --handover-timeout from now
                         else:
                             self.records.pop(name, None)
                     elif kind == "handover" and name == self.me:
@@ -327,7 +329,7 @@ class Worker:
                     on_other=self._other))
                 self.publisher = await stack.enter_async_context(Publisher(
                     o.broker, prefix=o.prefix, engine_id=self.me, status_id=f"_engine.{self.me}", protocol="5",
-                    qos={EMBEDDINGS: o.qos, XVECTOR: o.qos}, close_timeout=o.drain_timeout))
+                    qos={EMBEDDINGS: o.qos, XVECTOR: o.qos}, close_timeout=2.0))  # a drain flushed already
                 self.sink = MqttSink(self.publisher, o.model_id, SAMPLE_RATE / self.pool.cfg.hop, o.payload_dtype)
                 self.engine = await stack.enter_async_context(Engine(
                     self.pool, [self.sink], max_backlog=o.max_backlog, on_status=self._status,
