@@ -160,6 +160,8 @@ def _attend_blocks(
         memo["table"] = table = table.to(device=q.device, dtype=torch.float32)
         memo["ext"] = _diagonal_bias(table, tk, max_d) if _consecutive(layout.q_pos, layout.k_pos) else None
     table, ext = memo["table"], memo["ext"]
+    if rows is None and tq > block_q:  # views into the fused projection: one copy here, not one per block
+        k, v = k.contiguous(), v.contiguous()
     kt = k.transpose(-1, -2)
     # one block (a streaming chunk) is the output itself; several are written into one tensor
     out = None if 0 < tq <= block_q else torch.empty(q.shape, dtype=q.dtype, device=q.device)
