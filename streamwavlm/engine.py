@@ -158,6 +158,8 @@ class _Stream:
 
 class Engine:
     """Runs many audio sources through one :class:`StreamPool`; call :meth:`add` then :meth:`drain`.
+    :meth:`release` takes a stream out between two steps with what another engine needs to continue it
+    (``add(..., resume=...)``): how ``streamwavlm worker`` moves streams between processes.
 
     One stream's fault stays its own: a source that fails, audio that drives the model to non-finite values,
     a step or sink that raises for a stream, or a source silent for ``idle_timeout`` seconds ends that
