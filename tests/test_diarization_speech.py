@@ -51,6 +51,43 @@ def test_speech_activity_matches_the_reference(spoken, vad):
     assert (flags == truth).mean() > 0.9
 
 
+def test_silero_scores_equal_its_own_and_do_not_depend_on_chunking(spoken):
+    """The batched network gives silero's own per-frame scores; any cut of the audio gives the same ones."""
+    import torch
+
+    audio = spoken[0].audio[:16000 * 8]
+    frames = audio[: len(audio) // 512 * 512].reshape(-1, 512)
+    threads = torch.get_num_threads()
+    whole = SileroVad()._scores(frames)  # imports silero-vad, which would set torch's threads to 1
+    assert torch.get_num_threads() == threads
+    from silero_vad import load_silero_vad
+
+    reference = load_silero_vad()
+    with torch.inference_mode():
+        own = np.array([float(reference(torch.from_numpy(f), 16000)) for f in frames])
+    assert np.abs(whole - own).max() < 1e-4 and own.max() > 0.9 and own.min() < 0.1
+    vad, pieces = SileroVad(), []
+    for cut in np.split(frames, [1, 4, 5, 40, 41, 100]):  # chunks of 1, 3, 1, 35, 1, 59, ... frames
+        pieces.append(vad._scores(cut))
+    assert np.abs(np.concatenate(pieces) - whole).max() < 1e-5
+
+
+def test_stream_result_does_not_depend_on_how_the_audio_is_cut(spoken):
+    from streamwavlm.diarization.clustering import OnlineClustering
+    from streamwavlm.diarization.embedders import ResemblyzerEmbedder
+    from streamwavlm.diarization.pipeline import StreamDiarization
+
+    audio = spoken[0].audio
+    results = []
+    for chunk in (160, 1600, 7000):
+        stream = StreamDiarization("s", OnlineClustering(), latency=1.0, vad="silero", embedder=ResemblyzerEmbedder())
+        for i in range(0, len(audio), chunk):
+            stream.audio(audio[i:i + chunk])
+        stream.finish()
+        results.append(stream.diarizer.segments())
+    assert results[0] and results[0] == results[1] == results[2]
+
+
 def test_conversation_through_the_engine(spoken, tiny, tmp_path, capsys):
     conv, path = spoken
     rttm = tmp_path / "hyp.rttm"

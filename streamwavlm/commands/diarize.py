@@ -20,7 +20,7 @@ from ..checkpoint import model_from_setting
 from ..diarization.clustering import ClusterSettings
 from ..diarization.embedders import RESEMBLYZER, window_from_message
 from ..diarization.events import SpeakerPublisher
-from ..diarization.pipeline import Session, StreamDiarization
+from ..diarization.pipeline import Session
 from ..diarization.plot import plot_timeline
 from ..diarization.profiles import load_profiles
 from ..diarization.rttm import Segment, format_rttm, read_rttm
@@ -108,15 +108,15 @@ class Printer:
                   f"confidence {e.confidence:.2f}", file=self.out, flush=True)
 
 
-def write_outputs(args: argparse.Namespace, streams: dict[str, StreamDiarization],
+def write_outputs(args: argparse.Namespace, streams: dict[str, list[Segment]],
                   reference: dict[str, list[Segment]]) -> None:
     if args.rttm:
-        Path(args.rttm).write_text("".join(format_rttm(sid, s.diarizer.segments()) for sid, s in streams.items()))
+        Path(args.rttm).write_text("".join(format_rttm(sid, turns) for sid, turns in streams.items()))
         print(f"RTTM: {args.rttm}")
     if args.png:
-        for sid, s in streams.items():
+        for sid, turns in streams.items():
             path = Path(args.png) if len(streams) == 1 else Path(args.png).with_name(f"{Path(args.png).stem}-{sid}.png")
-            plot_timeline(path, s.diarizer.segments(), reference.get(sid), title=sid)
+            plot_timeline(path, turns, reference.get(sid), title=sid)
             print(f"timeline: {path}")
 
 
@@ -144,6 +144,7 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
             await _from_mqtt(args, session)
         else:
             await _in_process(args, session, xs)
+        await session.drain()
     write_outputs(args, session.finished, reference)
     return 0
 
@@ -178,8 +179,7 @@ async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSet
         for s in list(engine.streams.values()):
             await s.source.close()
         await engine.drain()
-    for stream_id in list(session.streams):
-        session.close(stream_id)
+    session.close_all()
 
 
 async def _from_mqtt(args: argparse.Namespace, session: Session) -> None:
@@ -195,7 +195,7 @@ async def _from_mqtt(args: argparse.Namespace, session: Session) -> None:
                 if isinstance(item, EmbeddingMessage):
                     seen.add(item.stream_id)
                     w = window_from_message(item, session.xvector_window)
-                    session.emit(item.stream_id, session.stream(item.stream_id).windows([w]))
+                    session.windows(item.stream_id, [w])
                 elif isinstance(item, Status) and item.state == "offline" and item.stream_id in seen:
                     session.close(item.stream_id)
                     seen.discard(item.stream_id)
@@ -208,5 +208,4 @@ async def _from_mqtt(args: argparse.Namespace, session: Session) -> None:
         pass
     except BrokerUnavailable as e:
         raise ValueError(str(e)) from None
-    for stream_id in list(session.streams):
-        session.close(stream_id)
+    session.close_all()

@@ -16,7 +16,7 @@ from ..audio.validate import SAMPLE_RATE
 from ..checkpoint import model_from_setting
 from ..diarization.embedders import ResemblyzerEmbedder, windows_from_output
 from ..diarization.profiles import enroll as enroll_speaker
-from ..diarization.vad import FRAME_SECONDS, make_vad
+from ..diarization.vad import make_vad, speech_fraction
 from ..diarization.window import Window
 from ..engine import Engine, EngineOutput
 from ..streaming import StreamPool, StreamSettings
@@ -56,10 +56,7 @@ def speech_windows(args: argparse.Namespace, audio: np.ndarray) -> list[Window]:
     flags = make_vad(args.vad).push(audio) if args.vad != "none" else None
 
     def speech(start: float, end: float) -> bool:
-        if flags is None:
-            return True
-        span = flags[int(start / FRAME_SECONDS):int(end / FRAME_SECONDS)]
-        return bool(len(span)) and span.mean() >= MIN_SPEECH
+        return flags is None or speech_fraction(flags, start, end) >= MIN_SPEECH
 
     if args.backend == "resemblyzer":  # windows that are not speech are not embedded at all
         return ResemblyzerEmbedder().push(audio, lambda a, b: a if speech(a / SAMPLE_RATE, b / SAMPLE_RATE) else None)

@@ -1,51 +1,69 @@
-"""One stream's online diarization: speech frames + speaker windows -> clustering -> turns, with a latency.
+"""One stream's online diarization: speech frames + speaker windows -> stretch clustering -> turns, with a
+latency.
 
 The latency ``L`` is how long a frame's label may still change: a frame ending at time ``t`` is final once
-the stream has reached ``t + L``, and is labelled from the windows that ended by then, using the window
-whose centre is nearest to it (with ``L`` of at least half a window, that window is centred on the
-frame). The clustering commits a window ``max(0, L - window/2)`` seconds after its end, so it can look at
-the windows that follow it (see ``clustering.py``) and still be committed when the frames it labels become
-final. Until then frames carry provisional labels, reported as provisional turns. Non-speech frames never
-get a speaker.
+the stream has reached ``t + L``. Speech comes in stretches (runs of speech frames; turns change at
+pauses), and every frame of a stretch is labelled by the clustering's decision (``clustering.py``) on the
+mean of that stretch's windows that have arrived by then: with more latency a frame is decided with more
+of its stretch. A long stretch is thus decided anew at every step until it ends; its final frames keep the
+label they were given, the later ones may get another (a revision, reported as a new turn). When a
+stretch has ended and its last frame is final, the clustering learns from all of it. Frames not final yet
+carry provisional labels, reported as provisional turns. Non-speech frames never get a speaker, nor do the
+frames of a stretch none of whose windows has arrived (a miss rather than a guess). Without speech
+activity detection the stream is cut into stretches of ``BLOCK`` seconds, and a window belongs to the one
+holding its centre.
+
+A window belongs to the stretch holding most of its speech frames; it represents it alone when at least
+``purity`` of them are in it (a window that straddles a turn change is kept out while the stretch has a
+cleaner one).
 """
 
 from __future__ import annotations
 
-import bisect
-from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from .clustering import Assignment, Speaker
+from .clustering import NEW, Assignment, OnlineClustering
 from .rttm import Segment
 from .turns import FrameLabel, Turn, TurnEvent, TurnTracker, runs
+from .vad import frames_of
 from .window import Window
 
 UNKNOWN = "unknown"  # provisional label of speech that would open a new speaker
-
-
-class Clusterer(Protocol):
-    speakers: list[Speaker]
-
-    def resolve(self, speaker: int) -> int: ...
-    def peek(self, window: Window) -> Assignment | None: ...
-    def commit(self, window: Window, context: list[Window]) -> Assignment | None: ...
+BLOCK = 2.0  # seconds per stretch when there is no speech activity detection
 
 
 @dataclass
-class _Entry:
-    window: Window
-    assignment: Assignment | None = None
-    committed: bool = False
+class _Stretch:
+    """The windows of one stretch of speech so far: sums of unit vectors, pure and all."""
+
+    pure: np.ndarray | None = None
+    pure_count: int = 0
+    mixed: np.ndarray | None = None
+    mixed_count: int = 0
+    last: int = -1  # index of its last frame, once a non-speech frame has followed it
+    speaker: int | None = None  # the speaker opened for this stretch, if it opened one
+
+    def add(self, vector: np.ndarray, pure: bool) -> None:
+        if pure:
+            self.pure = vector.copy() if self.pure is None else self.pure + vector
+            self.pure_count += 1
+        else:
+            self.mixed = vector.copy() if self.mixed is None else self.mixed + vector
+            self.mixed_count += 1
+
+    def evidence(self) -> tuple[np.ndarray, int] | None:
+        if self.pure is not None:
+            return self.pure, self.pure_count
+        return (self.mixed, self.mixed_count) if self.mixed is not None else None
 
 
 class Diarizer:
     """Feed ``add_speech`` (VAD frames, in order) and ``add_window`` (in order of end time), then ``advance``
     to the stream time reached; ``finish`` at the end of the stream. ``turns`` holds the final turns."""
 
-    def __init__(self, clustering: Clusterer, *, latency: float = 2.0, frame: float = 0.032,
+    def __init__(self, clustering: OnlineClustering, *, latency: float = 2.0, frame: float = 0.032,
                  min_speech: float = 0.4) -> None:
         if latency < 0:
             raise ValueError(f"latency must be >= 0 seconds, got {latency}")
@@ -61,9 +79,8 @@ class Diarizer:
         self._run_count = 0
         self._speech_first = 0
         self._vad = False  # whether speech frames are being supplied at all
-        self._entries: deque[_Entry] = deque()
-        self._ends: deque[float] = deque()
-        self._uncommitted = 0  # index of the first entry not committed yet
+        self._stretches: dict[int, _Stretch] = {}
+        self._learnt = 0  # stretches before this index have been learnt from (later windows of them are late)
         self._final = 0  # frames before this index are final
         self._open: list[FrameLabel] = []  # final frames of the run that may still continue
         self._open_first = 0
@@ -75,101 +92,111 @@ class Diarizer:
         """Append VAD decisions for the next frames."""
         self._vad = True
         flags = np.asarray(flags, bool)
+        if not len(flags):
+            return
         previous = bool(self._speech[-1]) if len(self._speech) else False
+        if previous and not flags[0]:
+            self._close(self._run_count - 1, self._speech_first + len(self._speech) - 1)
         starts = flags & ~np.concatenate([[previous], flags[:-1]])
         runs = self._run_count - 1 + np.cumsum(starts)
+        ends = np.flatnonzero(flags[:-1] & ~flags[1:])
+        first = self._speech_first + len(self._speech)
+        for i in ends:
+            self._close(int(runs[i]), first + int(i))
         self._run_count += int(starts.sum())
         self._speech = np.concatenate([self._speech, flags])
         self._runs = np.concatenate([self._runs, np.where(flags, runs, -1)])
+
+    def _close(self, run: int, last: int) -> None:
+        if run >= self._learnt:
+            self._stretches.setdefault(run, _Stretch()).last = last
 
     def speech_frames(self) -> tuple[np.ndarray, int]:
         """The VAD decisions still held (at least 10 s before the final frames) and the index of the first."""
         return self._speech, self._speech_first
 
     def _run_of(self, k: int) -> int:
+        """Frame ``k``'s stretch of speech; -1 for silence."""
+        if not self._vad:
+            return int(k * self.frame / BLOCK)
         i = k - self._speech_first
         return int(self._runs[i]) if 0 <= i < len(self._runs) else -1
 
-    def _is_speech(self, k: int) -> bool:
-        i = k - self._speech_first
-        return bool(self._speech[i]) if 0 <= i < len(self._speech) else not self._vad
-
     def add_window(self, window: Window) -> None:
-        """A speaker embedding; its speech fraction is taken from the VAD frames when there are any."""
+        """A speaker embedding; its speech fraction and stretch are taken from the VAD frames when there are
+        any (without VAD every window is speech)."""
+        purity = 1.0
         if self._vad:
-            a, b = int(window.start / self.frame), max(int(np.ceil(window.end / self.frame)), 1)
+            a, b = frames_of(window.start, window.end, self.frame)
             lo, hi = max(a - self._speech_first, 0), max(b - self._speech_first, 0)
             flags, runs = self._speech[lo:hi], self._runs[lo:hi]
             window.speech = float(np.mean(flags)) if len(flags) else 0.0
             if flags.any():
                 ids, counts = np.unique(runs[flags], return_counts=True)
-                window.segment = int(ids[np.argmax(counts)])
-        self._entries.append(_Entry(window))
-        self._ends.append(window.end)
+                window.segment, purity = int(ids[np.argmax(counts)]), float(counts.max() / counts.sum())
+        else:
+            window.segment = int(window.center / BLOCK)
+            self._close(window.segment, int(np.ceil((window.segment + 1) * BLOCK / self.frame - 1e-9)) - 1)
+        self._add(window, purity)
+
+    def _add(self, window: Window, purity: float) -> None:
+        if window.speech >= self.min_speech and window.segment >= self._learnt:
+            stretch = self._stretches.setdefault(window.segment, _Stretch())
+            stretch.add(window.vector, purity >= self.clustering.settings.purity)
+
+    # ------------------------------------------------------------------ labels
+    def _decide(self, run: int, final: bool) -> FrameLabel:
+        """The label of a frame of stretch ``run`` now (``final``: it is final, so a new speaker opens)."""
+        stretch = self._stretches.get(run)
+        evidence = stretch.evidence() if stretch is not None else None
+        if evidence is None:
+            return None
+        assignment = self.clustering.decide(*evidence)
+        if assignment is None:
+            return None
+        if assignment.speaker == NEW:
+            if not final:
+                return (UNKNOWN, 0.0)
+            stretch.speaker = self.clustering.open(*evidence)  # type: ignore[union-attr]
+            assignment = Assignment(stretch.speaker, 1.0)  # type: ignore[union-attr]
+        return (self.clustering.speakers[assignment.speaker].name, round(assignment.confidence, 3))
+
+    def _labels(self, first: int, last: int, final: bool) -> list[FrameLabel]:
+        """Labels of frames ``[first, last)``: one decision per stretch per step."""
+        decided: dict[int, FrameLabel] = {}
+        out: list[FrameLabel] = []
+        for k in range(first, last):
+            run = self._run_of(k)
+            if run < 0:
+                out.append(None)
+                continue
+            if run not in decided:
+                decided[run] = self._decide(run, final)
+            out.append(decided[run])
+        return out
+
+    def _learn(self, everything: bool) -> None:
+        """Let the clustering learn from the stretches that ended and whose frames are all final."""
+        for run in [r for r, s in self._stretches.items() if everything or 0 <= s.last < self._final]:
+            stretch = self._stretches.pop(run)
+            self._learnt = max(self._learnt, run + 1)
+            evidence = stretch.evidence()
+            if evidence is None:
+                continue
+            if stretch.speaker is not None:
+                self.clustering.learn(stretch.speaker, *evidence, replace=True)
+                continue
+            assignment = self.clustering.decide(*evidence)
+            if assignment is None:
+                continue
+            if assignment.speaker == NEW:
+                self.clustering.open(*evidence)
+            else:
+                self.clustering.learn(assignment.speaker, *evidence)
 
     # ------------------------------------------------------------------ stepping
-    def _commit_due(self, now: float, everything: bool, through: int = -1) -> None:
-        """Commit the windows whose lookahead has passed by ``now`` (all with ``everything``; at least those
-        up to index ``through``, with the context there is, when a final frame needs them)."""
-        entries = self._entries
-        for i in range(self._uncommitted, len(entries)):
-            e = entries[i]
-            lookahead = max(0.0, self.latency - (e.window.end - e.window.start) / 2)
-            limit = min(e.window.end + lookahead, now) + 1e-9
-            if not everything and i > through and e.window.end + lookahead > now + 1e-9:
-                break
-            self._uncommitted = i + 1
-            e.committed = True
-            if e.window.speech < self.min_speech:
-                continue
-            context = [entries[j].window for j in range(max(0, i - 8), i)
-                       if e.window.segment >= 0 and entries[j].window.segment == e.window.segment]
-            for j in range(i + 1, len(entries)):
-                c = entries[j].window
-                if c.end > limit:
-                    break
-                if c.speech >= self.min_speech:
-                    context.append(c)
-            e.assignment = self.clustering.commit(e.window, context)
-
-    def _label(self, k: int, peeks: dict[int, Assignment | None], final: bool) -> FrameLabel:
-        """Label of frame ``k`` from the windows that ended within the latency after it (``peeks`` caches
-        the provisional assignments of uncommitted windows for one step)."""
-        if not self._is_speech(k):
-            return None
-        centre, horizon = (k + 0.5) * self.frame, (k + 1) * self.frame + self.latency + 1e-9
-        last = bisect.bisect_right(self._ends, horizon)
-        run = self._run_of(k)
-        best: tuple[tuple[bool, float], Assignment | None] | None = None
-        for i in range(last - 1, -1, -1):
-            e = self._entries[i]
-            span = e.window.end - e.window.start
-            if e.window.end < centre - span:
-                break
-            # prefer windows of the frame's own stretch of speech, then the nearest
-            key = (run >= 0 and e.window.segment != run, abs(e.window.center - centre))
-            if e.window.speech < self.min_speech or key[1] > span or (best is not None and key >= best[0]):
-                continue
-            if final and not e.committed:
-                self._commit_due(self.now, False, through=i)
-            if e.committed:
-                assignment = e.assignment
-            else:
-                if i not in peeks:
-                    peeks[i] = self.clustering.peek(e.window)
-                assignment = peeks[i]
-            if e.committed and assignment is None:
-                continue
-            best = (key, assignment)
-        if best is None:
-            return None
-        if best[1] is None:
-            return (UNKNOWN, 0.0)
-        speaker = self.clustering.resolve(best[1].speaker)
-        return (self.clustering.speakers[speaker].name, best[1].confidence)
-
     def advance(self, now: float) -> list[TurnEvent]:
-        """Move to stream time ``now`` (seconds): commit, finalise frames, report turn events."""
+        """Move to stream time ``now`` (seconds): finalise frames, learn, report turn events."""
         return self._step(max(now, self.now), everything=False)
 
     def finish(self) -> list[TurnEvent]:
@@ -178,12 +205,13 @@ class Diarizer:
 
     def _step(self, now: float, everything: bool) -> list[TurnEvent]:
         self.now = now
-        self._commit_due(now, everything)
         end_frames = int(np.ceil(now / self.frame - 1e-9))
         final_to = end_frames if everything else max(self._final, int((now - self.latency) / self.frame + 1e-9))
-        peeks: dict[int, Assignment | None] = {}
-        new_final = [self._label(k, peeks, True) for k in range(self._final, final_to)]
+        if self._vad and not everything:  # never before the frame's speech decision is known
+            final_to = max(self._final, min(final_to, self._speech_first + len(self._speech)))
+        new_final = self._labels(self._final, final_to, True)
         self._final = final_to
+        self._learn(everything)
         if not self._open:
             self._open_first = final_to - len(new_final)
         labels = self._open + new_final
@@ -198,19 +226,14 @@ class Diarizer:
         else:
             self._open, self._open_first = [], final_to
         self.turns += done
-        provisional = [] if everything else [self._label(k, peeks, False) for k in range(final_to, end_frames)]
+        provisional = [] if everything else self._labels(final_to, end_frames, False)
         live = runs(self._open + provisional, self._open_first, self.frame)
         self._prune()
         return self._tracker.update(done, live)
 
     def _prune(self) -> None:
-        """Forget windows and VAD frames that can no longer label a frame."""
-        horizon = self._final * self.frame - 10.0
-        while self._entries and self._entries[0].committed and self._entries[0].window.end < horizon:
-            self._entries.popleft()
-            self._ends.popleft()
-            self._uncommitted -= 1
-        drop = int(horizon / self.frame) - self._speech_first
+        """Forget VAD frames that can no longer label a frame or place a window."""
+        drop = int((self._final * self.frame - 10.0) / self.frame) - self._speech_first
         if drop > 0:
             self._speech, self._runs = self._speech[drop:], self._runs[drop:]
             self._speech_first += drop

@@ -5,10 +5,21 @@ The engine hands sinks encoder frames, not audio, so the audio reaches the diari
 and gives a copy to the stream's speech detector (and, with the resemblyzer backend, its embedder). With
 the WavLM backend the windows come from the engine's x-vectors (``Session.sink``), and the diarizer's
 clock is the end of the newest x-vector, so frames are not finalised before their windows have arrived.
+
+Speech detection and resemblyzer are work (tens of milliseconds per second of audio) that must not hold
+up the event loop that feeds the engine, so every change to a stream's diarization runs, in order, on one
+``DiarizationWorker`` thread; its torch calls run single-threaded there (two small models gain nothing
+from the engine's thread pool and would spin against it), and the turn events come back to the loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -20,23 +31,87 @@ from ..engine import EngineOutput
 from .clustering import ClusterSettings, OnlineClustering, Speaker
 from .diarizer import Diarizer
 from .embedders import ResemblyzerEmbedder, windows_from_output
+from .rttm import Segment
 from .turns import TurnEvent
 from .vad import FRAME, FRAME_SECONDS, VadKind, make_vad, speech_span
 from .window import Window
 
+log = logging.getLogger(__name__)
+
+# seconds of audio taken at a time (the engine's default step, 16 frames of 20 ms): a label's final event
+# comes up to one block after its latency
+BLOCK = 0.32
+
 EventHandler = Callable[[str, list[TurnEvent]], None]
+Job = tuple[str, Callable[[], list[TurnEvent]]]
+
+
+class DiarizationWorker:
+    """A thread that runs diarization jobs in order and hands their events to ``emit`` on the event loop.
+    The queue is bounded (``capacity`` jobs, about that many audio chunks): a source faster than the
+    diarization waits for it rather than letting memory grow."""
+
+    def __init__(self, emit: EventHandler, capacity: int = 256) -> None:
+        self._emit = emit
+        self._queue: queue.Queue[Job | None] = queue.Queue(capacity)
+        self._loop = asyncio.get_running_loop()
+        self._error: BaseException | None = None
+        self.cpu_seconds = 0.0  # thread CPU time spent in jobs
+        self._threads_set = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="diarization", daemon=True)
+        import torch
+
+        threads = torch.get_num_threads()
+        self._thread.start()
+        # torch's thread count is per thread, but setting it also changes the count that threads created
+        # later start with: put that back for the engine's threads once the worker has its own
+        self._threads_set.wait()
+        torch.set_num_threads(threads)
+
+    def submit(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
+        self._queue.put((stream_id, job))
+
+    def _run(self) -> None:
+        import torch
+
+        torch.get_num_threads()  # torch sets a thread's count on first use: before ours, not after
+        torch.set_num_threads(1)  # this thread only (OpenMP's setting is per thread)
+        self._threads_set.set()
+        started = time.thread_time()
+        while (item := self._queue.get()) is not None:
+            stream_id, job = item
+            try:
+                if self._error is None:
+                    events = job()
+                    if events:
+                        self._loop.call_soon_threadsafe(self._emit, stream_id, events)
+            except BaseException as e:  # kept for ``stop`` to raise on the loop
+                log.error("diarization of %s failed: %s", stream_id, e)
+                self._error = e
+            self.cpu_seconds = time.thread_time() - started
+
+    async def stop(self) -> None:
+        """Run what is queued, end the thread, deliver the last events; raise a job's error."""
+        await asyncio.to_thread(self._queue.put, None)
+        await asyncio.to_thread(self._thread.join)
+        await asyncio.sleep(0)  # the events it scheduled run before we return
+        if self._error is not None:
+            raise self._error
 
 
 class StreamDiarization:
     """One stream: speech detector, optional audio embedder, clustering and diarizer."""
 
     def __init__(self, stream_id: str, clustering: OnlineClustering, *, latency: float, vad: VadKind | None,
-                 embedder: ResemblyzerEmbedder | None) -> None:
+                 embedder: ResemblyzerEmbedder | None, block: float = BLOCK) -> None:
         self.stream_id = stream_id
         self.vad = make_vad(vad) if vad else None
         self.embedder = embedder
         self.diarizer = Diarizer(clustering, latency=latency, frame=FRAME_SECONDS,
                                  min_speech=clustering.settings.min_speech)
+        self.block = int(block * SAMPLE_RATE)
+        self._pending: list[np.ndarray] = []
+        self._pending_samples = 0
         self._samples = 0
 
     def _select(self, start: int, end: int) -> int | None:
@@ -49,15 +124,29 @@ class StreamDiarization:
         return None if chosen is None else chosen + offset
 
     def audio(self, samples: np.ndarray) -> list[TurnEvent]:
-        """The stream's next audio (16 kHz float32, contiguous; gaps already filled with silence)."""
+        """The stream's next audio (16 kHz float32, contiguous; gaps already filled with silence), taken in
+        blocks of ``block`` samples (the models' cost is mostly per call, not per sample), so the result
+        does not depend on how the source cut the audio."""
+        self._pending.append(samples)
+        self._pending_samples += len(samples)
+        if self._pending_samples < self.block:
+            return []
+        pending = np.concatenate(self._pending)
+        whole = len(pending) // self.block * self.block
+        self._pending, self._pending_samples = [pending[whole:]], len(pending) - whole
+        return [e for start in range(0, whole, self.block) for e in self._run(pending[start:start + self.block])]
+
+    def _run(self, samples: np.ndarray) -> list[TurnEvent]:
         self._samples += len(samples)
         if self.vad is not None:
             self.diarizer.add_speech(self.vad.push(samples))
         if self.embedder is None:
             return []
-        for w in self.embedder.push(samples, self._select):
+        events = []
+        for w in self.embedder.push(samples, self._select):  # each window labels frames as soon as it ends
             self.diarizer.add_window(w)
-        return self.diarizer.advance(self._samples / SAMPLE_RATE)
+            events += self.diarizer.advance(w.end)
+        return events + self.diarizer.advance(self._samples / SAMPLE_RATE)
 
     def windows(self, windows: Sequence[Window]) -> list[TurnEvent]:
         """Embeddings from elsewhere (the engine's x-vectors); the newest one's end is the clock."""
@@ -66,13 +155,17 @@ class StreamDiarization:
         return self.diarizer.advance(windows[-1].end) if windows else []
 
     def finish(self) -> list[TurnEvent]:
-        return self.diarizer.finish()
+        rest = np.concatenate(self._pending) if self._pending else np.zeros(0, np.float32)
+        self._pending, self._pending_samples = [], 0
+        return self._run(rest) + self.diarizer.finish()
 
 
 @dataclass
 class Session:
     """Diarization of every stream of a run. ``backend``: ``resemblyzer`` (audio taps) or ``wavlm`` (engine
-    x-vectors through ``sink``; ``xvector_window`` frames each, ``hop_samples`` per frame)."""
+    x-vectors through ``sink``; ``xvector_window`` frames each, ``hop_samples`` per frame). Feed it through
+    ``tap``, ``sink``, ``windows`` and ``close`` on the event loop; ``drain`` waits for the worker thread.
+    ``finished`` keeps the final turns of the last ``keep_finished`` streams that ended."""
 
     backend: str = "resemblyzer"
     latency: float = 2.0
@@ -84,12 +177,21 @@ class Session:
     xvector_window: int = 150
     hop_samples: int = 320
     handlers: list[EventHandler] = field(default_factory=list)
+    keep_finished: int = 1000
     streams: dict[str, StreamDiarization] = field(default_factory=dict)
-    finished: dict[str, StreamDiarization] = field(default_factory=dict)
+    finished: OrderedDict[str, list[Segment]] = field(default_factory=OrderedDict)
+    worker: DiarizationWorker | None = None
+    _active: set[str] = field(default_factory=set)  # streams fed and not closed, as the event loop sees them
 
     def __post_init__(self) -> None:
         if self.backend not in ("resemblyzer", "wavlm"):
             raise ValueError(f"backend {self.backend!r} must be resemblyzer or wavlm")
+        # streams start on the worker thread: a missing model is said here, and silero-vad is imported
+        # here, on the caller's thread (see vad._silero_weights)
+        if self.vad in ("auto", "silero"):
+            make_vad(self.vad)
+        if self.backend == "resemblyzer":
+            ResemblyzerEmbedder(self.window, self.hop)
 
     def stream(self, stream_id: str) -> StreamDiarization:
         if stream_id not in self.streams:
@@ -104,24 +206,53 @@ class Session:
             for handler in self.handlers:
                 handler(stream_id, events)
 
+    def _submit(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
+        self._active.add(stream_id)
+        if self.worker is None:
+            self.worker = DiarizationWorker(self.emit)
+        self.worker.submit(stream_id, job)
+
     def tap(self, source: AudioSource, stream_id: str) -> TappedSource:
         """``source`` for the engine, with the diarizer listening in."""
-        self.stream(stream_id)
-        return TappedSource(source, lambda samples: self.emit(stream_id, self.stream(stream_id).audio(samples)))
+        return TappedSource(source, lambda samples: self._submit(
+            stream_id, lambda: self.stream(stream_id).audio(samples)))
+
+    def windows(self, stream_id: str, windows: Sequence[Window]) -> None:
+        """Embeddings from elsewhere (engine x-vectors, the ``xvector`` topic) for one stream."""
+        self._submit(stream_id, lambda: self.stream(stream_id).windows(windows))
 
     async def sink(self, out: EngineOutput) -> None:
         """Engine sink: x-vectors become windows (WavLM backend); the final chunk ends the stream."""
         if self.backend == "wavlm" and out.chunk.xvectors:
-            windows = windows_from_output(out, self.xvector_window, self.hop_samples)
-            self.emit(out.stream_id, self.stream(out.stream_id).windows(windows))
+            self.windows(out.stream_id, windows_from_output(out, self.xvector_window, self.hop_samples))
         if out.chunk.final:
             self.close(out.stream_id)
 
     def close(self, stream_id: str) -> None:
+        """End a stream: its remaining frames become final."""
+        if stream_id in self._active:
+            self._submit(stream_id, lambda: self._finish(stream_id))
+            self._active.discard(stream_id)
+
+    def close_all(self) -> None:
+        for stream_id in list(self._active):
+            self.close(stream_id)
+
+    def _finish(self, stream_id: str) -> list[TurnEvent]:
         stream = self.streams.pop(stream_id, None)
-        if stream is not None:
-            self.emit(stream_id, stream.finish())
-            self.finished[stream_id] = stream
+        if stream is None:
+            return []
+        events = stream.finish()
+        self.finished[stream_id] = stream.diarizer.segments()
+        while len(self.finished) > self.keep_finished:
+            self.finished.popitem(last=False)
+        return events
+
+    async def drain(self) -> None:
+        """Wait until everything submitted has run and its events have been handled."""
+        if self.worker is not None:
+            worker, self.worker = self.worker, None
+            await worker.stop()
 
 
 class TappedSource:
@@ -140,7 +271,7 @@ class TappedSource:
         async for chunk in self.source:
             if chunk.start > self._next:
                 self.listener(np.zeros(chunk.start - self._next, np.float32))
-            self.listener(chunk.samples)
+            self.listener(chunk.samples.copy())  # the source may reuse its buffer before the listener reads it
             self._next = chunk.end
             yield chunk
 
