@@ -4,7 +4,8 @@ Base-size random weights (transformers' initialisation, loaded through our loade
 its candidates interleaved, round after round, and reports medians, so that load from other processes on
 the machine hits all of them alike; only ratios within this run mean anything. Sections:
 
-1. the one-GEMM shapes of a streaming step and of an offline forward (GFLOP/s);
+1. the one-GEMM shapes of a streaming step and of an offline forward (GFLOP/s), and every linear of the
+   encoder once at the same row counts (weights from memory, as in the model);
 2. offline Base, 10 s: transformers fp32 vs ours in each precision;
 3. streaming C=16, L=250: one stream, and 8 streams stepped together (compute per second of audio);
 4. per-layer cosine and relative error against fp32, offline and streaming, on speech;
@@ -80,6 +81,37 @@ def gemm_section(paths: list[str], repeats: int) -> list[str]:
     return lines
 
 
+def weight_set_section(paths: list[str], repeats: int) -> list[str]:
+    """Every linear of a Base encoder (12 x 768 -> 2328, 768 -> 768, 768 -> 3072, 3072 -> 768: 85 M weights)
+    applied once, as a forward does: unlike one matrix called in a loop, the weights stream from memory, which
+    bounds a small-batch step. "int8 kernel" is the u8 x s8 product alone on pre-quantised input: the
+    difference to "int8" is the per-row quantisation and dequantisation."""
+    shapes = [(768, 2328), (768, 768), (768, 3072), (3072, 768)]
+    weights = [(torch.randn(o, i) * 0.02, torch.zeros(o)) for _ in range(12) for i, o in shapes]
+    packed: dict[str, list] = {}
+    for p in paths:
+        with packing(p):  # type: ignore[arg-type]
+            packed[p] = [pack(w, b) for w, b in weights]
+    paths = [*paths, "int8 kernel"] if "int8" in paths else paths
+    flop_per_row = sum(2 * w.numel() for w, _ in weights)
+    lines = ["| rows | " + " | ".join(f"{p} ms (GFLOP/s)" for p in paths) + " |", "|---|" + "---|" * len(paths)]
+    for rows in (16, 128, 500):
+        xs = {i: torch.randn(rows, i) for i, _ in shapes}
+        cands: dict[str, Callable[[], object]] = {
+            p: lambda p=p, xs=xs: [k(xs[w.shape[1]]) for k, (w, _) in zip(packed[p], weights, strict=True)]
+            for p in paths if p in packed}
+        if "int8 kernel" in paths:
+            qs = {i: torch.randint(0, 255, (rows, i), dtype=torch.uint8) for i in xs}
+            cands["int8 kernel"] = lambda qs=qs: [
+                torch.ops.onednn.qlinear_pointwise(qs[w.shape[1]], 1.0, 128, k.weight, k.scale, k.zero_points,
+                                                   k.bias, 1.0, 0, torch.float32, "none", [None], "")
+                for k, (w, _) in zip(packed["int8"], weights, strict=True)]
+        t = interleaved(cands, repeats)
+        lines.append(f"| {rows} | " + " | ".join(
+            f"{1000 * t[p]:.1f} ({flop_per_row * rows / t[p] / 1e9:.0f})" for p in paths) + " |")
+    return lines
+
+
 def sensitivity(model, wav: torch.Tensor) -> list[str]:
     """int8 in one layer type at a time (fp32 elsewhere): worst per-layer cosine and last-layer error."""
     apply(model, "float32")
@@ -113,17 +145,20 @@ def sensitivity(model, wav: torch.Tensor) -> list[str]:
 def profile(model, wav: torch.Tensor, paths: list[str], top: int = 10) -> list[str]:
     """Self CPU milliseconds of the ops that take most time in one 1-stream C=16 run, per precision."""
     per: dict[str, dict[str, float]] = {}
+    calls: dict[str, float] = {}
     for p in paths:
         apply(model, p)  # type: ignore[arg-type]
         stream_latency(model, [wav], C16)  # oneDNN creates its kernels on the first run
         with torch.profiler.profile() as prof:
-            stream_latency(model, [wav], C16)
+            steps, _ = stream_latency(model, [wav], C16)
         per[p] = {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+        calls[p] = sum(e.count for e in prof.key_averages()) / len(steps)
     apply(model, "float32")
     ops = sorted({k for d in per.values() for k in d}, key=lambda k: -max(d.get(k, 0.0) for d in per.values()))
     lines = ["| op | " + " | ".join(f"{p} ms" for p in paths) + " |", "|---|" + "---|" * len(paths)]
     lines += [f"| {k} | " + " | ".join(f"{per[p].get(k, 0.0):.0f}" for p in paths) + " |" for k in ops[:top]]
     lines.append("| total | " + " | ".join(f"{sum(per[p].values()):.0f}" for p in paths) + " |")
+    lines.append("| op calls per step (views included) | " + " | ".join(f"{calls[p]:.0f}" for p in paths) + " |")
     return lines
 
 
@@ -169,7 +204,9 @@ def main() -> None:
              "Base size, random weights (transformers' initialisation), the bundled speech. One model per "
              "precision, so that the candidates take turns call by call (offline: median of "
              f"{args.repeats} rounds after a warm-up; streaming: median step, the models alternating chunk by "
-             "chunk).", "", "### One GEMM", "", *gemm_section(paths, args.repeats)]
+             "chunk).", "", "### One GEMM", "", *gemm_section(paths, args.repeats),
+             "", "### Every linear of the encoder once (85 M weights from memory)", "",
+             *weight_set_section(paths, args.repeats)]
 
     ref = hf_model("base")
     with tempfile.TemporaryDirectory() as d:

@@ -19,7 +19,7 @@ from streamwavlm.model.linear import Linear, PackedFloat, PackedInt8, linear, pa
 from streamwavlm.model.wavlm import WavLM
 from streamwavlm.precision import PrecisionError, choose_auto, missing, resolve, set_precision
 from streamwavlm.precision_fidelity import measure_precision
-from streamwavlm.streaming import StreamSettings
+from streamwavlm.streaming import StreamPool, StreamSettings
 
 # per-layer cosine against fp32 that each path must reach (issue 12)
 THRESHOLD = {"bfloat16": 0.999, "int8": 0.99}
@@ -72,6 +72,19 @@ def test_every_linear_follows_the_precision(base):
         packed += [layer.attn.qkvg_packed for layer in base.encoder.layers]
         assert packed and all(isinstance(k, kind) and k.precision == p for k in packed)
         assert bool(base.frontend.low) == (precision.conv_precision(p) == "bfloat16")
+
+
+def test_attention_and_rings_follow_the_conv_precision(base):
+    """q, k, v, the positional convolution and a new pool's K/V rings: bf16 where the precision's products
+    outside the linears are bf16, fp32 otherwise; the running statistics stay fp64."""
+    for p in ("float32", "bfloat16", "int8"):
+        set_precision(base, p)
+        low = torch.bfloat16 if precision.conv_precision(p) == "bfloat16" else torch.float32
+        assert {layer.attn.kv_dtype for layer in base.encoder.layers} == {low}
+        assert base.encoder.pos_conv.dtype == low
+        state = StreamPool(base, StreamSettings(chunk=16, left=50))._state
+        assert {t.dtype for t in state.rings.keys + state.rings.values} == {low}
+        assert state.front.gn_moments is not None and state.front.gn_moments.total.dtype == torch.float64
 
 
 @pytest.mark.skipif(missing("int8") is not None, reason=f"int8 is not native on this CPU: {missing('int8')}")
