@@ -239,7 +239,9 @@ def apply(model: nn.Module, precision: Precision) -> None:
             if isinstance(module, Linear):
                 module.derive()
     low = conv_precision(precision)
-    dtype = torch.bfloat16 if low == "bfloat16" else torch.float32
+    param = next(model.parameters())
+    on_cpu = param.device.type == "cpu" and param.dtype == torch.float32  # as pack() and FrontEnd.derive ask
+    dtype = torch.bfloat16 if low == "bfloat16" and on_cpu else torch.float32
     for layer in model.encoder.layers:  # type: ignore[union-attr]
         layer.attn.kv_dtype = dtype
     model.encoder.pos_conv.derive(dtype)  # type: ignore[union-attr,operator]
