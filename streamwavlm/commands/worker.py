@@ -18,6 +18,7 @@ from ..checkpoint import model_from_setting
 from ..cluster.handover import model_fingerprint
 from ..cluster.worker import Worker, WorkerOptions
 from ..embedding import resolve_device
+from ..mqtt.topics import check_level
 from ..streaming import StreamPool, XVectorSettings
 from .common import (
     add_checkpoint_option,
@@ -77,6 +78,8 @@ async def worker(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
     """Serve until SIGTERM/Ctrl-C (or ``stop``), then drain."""
     console = Console()
     torch.set_grad_enabled(False)
+    check_level(args.group, "group name")  # mistakes in names before the model takes seconds to load
+    check_level(args.name, "worker name")
     check_reachable(args.broker)
     model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
     settings = settings_from_args(args, model.cfg)
