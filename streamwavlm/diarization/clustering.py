@@ -12,7 +12,9 @@ power of one window relative to the voice), a centroid learnt from ``m`` windows
 its most similar speaker when the cosine reaches ``new_threshold * e(n) * e(m)``. Early in a stretch, or
 against a young centroid, the bar is low (noise, not a new voice); with seconds of speech against an
 established speaker it approaches ``new_threshold``, high enough to keep similar voices apart. Below it a
-stretch with at least ``confirm`` windows opens a speaker; with fewer it joins the nearest one.
+stretch with at least ``confirm`` windows opens a speaker; with fewer it joins the nearest one. The first
+stretch of a stream (no speaker known, none enrolled) opens a speaker on its first window: it cannot be
+anyone known, and waiting for ``confirm`` windows would only leave its frames unlabelled at short latency.
 
 Centroids learn only from finished stretches, as the running mean of their windows (``learn``), so the
 not-yet-final frames of the current stretch never move a centroid that labels them; ``memory`` windows at
@@ -34,7 +36,7 @@ class ClusterSettings:
     # defaults: tuned for resemblyzer on the development espeak-ng conversations (docs/benchmarks.md)
     new_threshold: float = 0.93  # cosine, for a long stretch against an established speaker, below which it is new
     spread: float = 0.6  # noise power of one window's embedding relative to the voice (sets e(n) above)
-    confirm: int = 3  # windows a stretch needs before it may open a speaker
+    confirm: int = 3  # windows a stretch needs before it may open a speaker (but the first one)
     purity: float = 0.8  # windows with at least this share of their speech in one stretch represent it alone
     memory: int = 600  # a centroid averages at most this many recent windows (follows slow drift)
     max_speakers: int = 20
@@ -85,13 +87,13 @@ class OnlineClustering:
         self.speakers: list[Speaker] = [Speaker(s.name, s.centroid.copy(), s.count, True) for s in enrolled]
         self._anonymous = 0
 
-    def decide(self, total: np.ndarray, count: int) -> Assignment | None:
-        """The speaker the stretch belongs to; ``Assignment(NEW, 1)`` when it should open one; None when no
-        speaker is known and the stretch is too short to open one."""
+    def decide(self, total: np.ndarray, count: int) -> Assignment:
+        """The speaker the stretch belongs to; ``Assignment(NEW, 1)`` when it should open one (always when no
+        speaker is known)."""
+        if not self.speakers:
+            return Assignment(NEW, 1.0)
         s = self.settings
         can_open = count >= s.confirm and len(self.speakers) < s.max_speakers
-        if not self.speakers:
-            return Assignment(NEW, 1.0) if can_open else None
         vector = total / np.linalg.norm(total)
         sims = np.stack([sp.centroid for sp in self.speakers]) @ vector
         best = int(np.argmax(sims))

@@ -152,8 +152,6 @@ class Diarizer:
         if evidence is None:
             return None
         assignment = self.clustering.decide(*evidence)
-        if assignment is None:
-            return None
         if assignment.speaker == NEW:
             if not final:
                 return (UNKNOWN, 0.0)
@@ -187,8 +185,6 @@ class Diarizer:
                 self.clustering.learn(stretch.speaker, *evidence, replace=True)
                 continue
             assignment = self.clustering.decide(*evidence)
-            if assignment is None:
-                continue
             if assignment.speaker == NEW:
                 self.clustering.open(*evidence)
             else:
