@@ -12,7 +12,7 @@ delay from a chunk's last audio sample to its receipt stays under ``--max-delay`
 The producers and the subscriber run in this process, so they share the cores too (as the broker does):
 the figures are what this whole machine sustains, and "streams per core" divides by all its cores.
 
-Run: ``flock /tmp/streamwavlm-cpu.lock .venv/bin/python benchmarks/bench_workers.py [--quick]
+Run: ``.venv/bin/python benchmarks/bench_workers.py [--quick]
 [--out benchmarks/results/workers.md]``.
 """
 
