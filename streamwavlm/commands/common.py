@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import socket
 from collections.abc import Callable
 from importlib import resources
@@ -10,10 +11,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from rich.console import Console
 
+from ..checkpoint import model_from_setting
 from ..config import WavLMConfig
+from ..embedding import resolve_device
+from ..model.wavlm import WavLM
 from ..mqtt.connection import BrokerUnavailable, parse_broker_url
-from ..streaming import NormPolicy, StreamSettings
+from ..streaming import NormPolicy, StreamSettings, XVectorSettings
 
 
 def add_checkpoint_option(parser: argparse.ArgumentParser) -> None:
@@ -123,3 +128,17 @@ def settings_from_args(args: argparse.Namespace, cfg: WavLMConfig) -> StreamSett
                               norm=NormPolicy(args.norm), warmup=args.warmup, layers=tuple(args.layers))
     settings.validate(cfg)
     return settings
+
+
+def streaming_model(args: argparse.Namespace, console: Console) -> tuple[WavLM, StreamSettings, str]:
+    """The model on its device, the streaming settings (with ``--xvector``) and the model id published with
+    the embeddings, as every engine command (``stream``, ``worker``) loads them; says what it loaded."""
+    model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
+    settings = settings_from_args(args, model.cfg)
+    if args.xvector:
+        settings = dataclasses.replace(settings, xvector=XVectorSettings(*args.xvector))
+        settings.validate(model.cfg)
+    model = model.to(resolve_device(args.device))
+    console.print(f"[bold]model[/]: {description}")
+    console.print(precision_line(model))
+    return model, settings, Path(args.checkpoint).name if args.checkpoint else "random-base-plus"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -21,13 +20,11 @@ from ..audio.files import FileSource, audio_length
 from ..audio.level import Metered, meter
 from ..audio.source import refuse
 from ..audio.validate import AudioError
-from ..checkpoint import model_from_setting
-from ..embedding import resolve_device
 from ..engine import Engine
 from ..file_sink import FileSink
 from ..mqtt import EmbeddedBroker, EmbeddingMessage, Gap, Publisher, subscribe
 from ..mqtt.sink import MqttSink
-from ..streaming import PoolFull, StreamPool, XVectorSettings
+from ..streaming import PoolFull, StreamPool
 from .common import (
     ONE_FRAME,
     add_checkpoint_option,
@@ -36,10 +33,8 @@ from .common import (
     add_stream_options,
     bundled_sample,
     check_reachable,
-    cpu_dtype,
     positive,
-    precision_line,
-    settings_from_args,
+    streaming_model,
 )
 from .signals import on_forced_exit, stop_event
 
@@ -205,15 +200,7 @@ async def stream(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
     check_input(spec)  # before the model loads (seconds): a user's mistake is said at once
     if publish and args.broker is not None:
         check_reachable(args.broker)
-    model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
-    settings = settings_from_args(args, model.cfg)
-    if args.xvector:
-        settings = dataclasses.replace(settings, xvector=XVectorSettings(*args.xvector))
-        settings.validate(model.cfg)
-    model = model.to(resolve_device(args.device))
-    console.print(f"[bold]model[/]: {description}")
-    console.print(precision_line(model))
-    model_id = Path(args.checkpoint).name if args.checkpoint else "random-base-plus"
+    model, settings, model_id = streaming_model(args, console)
     stop = stop or stop_event()  # Ctrl-C and SIGTERM end the run cleanly (flush, offline statuses)
     loop = asyncio.get_running_loop()
     if args.seconds:

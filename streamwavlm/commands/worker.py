@@ -6,30 +6,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import os
 import socket
-from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from ..checkpoint import model_from_setting
 from ..cluster.handover import model_fingerprint
 from ..cluster.worker import Worker, WorkerOptions
-from ..embedding import resolve_device
 from ..mqtt.topics import check_level
-from ..streaming import StreamPool, XVectorSettings
+from ..streaming import StreamPool
 from .common import (
     add_checkpoint_option,
     add_device_option,
     add_dtype_option,
     add_stream_options,
     check_reachable,
-    cpu_dtype,
     positive,
-    precision_line,
-    settings_from_args,
+    streaming_model,
 )
 from .signals import allow, stop_event
 from .stream import AUDIO_PREFIX, window_hop
@@ -81,17 +75,9 @@ async def worker(args: argparse.Namespace, stop: asyncio.Event | None = None) ->
     check_level(args.group, "group name")  # mistakes in names before the model takes seconds to load
     check_level(args.name, "worker name")
     check_reachable(args.broker)
-    model, description = model_from_setting(args.checkpoint, dtype=cpu_dtype(args))
-    settings = settings_from_args(args, model.cfg)
-    if args.xvector:
-        settings = dataclasses.replace(settings, xvector=XVectorSettings(*args.xvector))
-        settings.validate(model.cfg)
-    model = model.to(resolve_device(args.device))
-    console.print(f"[bold]model[/]: {description}")
-    console.print(precision_line(model))
+    model, settings, model_id = streaming_model(args, console)
     options = WorkerOptions(
-        broker=args.broker, group=args.group, name=args.name,
-        model_id=Path(args.checkpoint).name if args.checkpoint else "random-base-plus",
+        broker=args.broker, group=args.group, name=args.name, model_id=model_id,
         fingerprint=model_fingerprint(model), audio_prefix=args.audio_prefix, prefix=args.prefix,
         cluster_prefix=args.cluster_prefix, keepalive=args.keepalive, max_backlog=args.max_backlog,
         idle_timeout=args.idle_timeout, status_interval=args.status_interval, payload_dtype=args.payload_dtype,
