@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,15 @@ def password_broker_config(directory: Path, users: dict[str, str]) -> list[str]:
         subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if i == 0 else []), str(passwd), user, password],
                        check=True)
     return ["allow_anonymous false", f"password_file {passwd}"]
+
+
+@pytest.fixture
+def spawned() -> Iterator[list]:
+    """Child processes a test starts (objects with a ``proc`` Popen): killed at the end if still running, so
+    a failed test leaves none behind."""
+    started: list = []
+    yield started
+    for child in started:
+        if child.proc.poll() is None:
+            child.proc.kill()
+            child.proc.wait()

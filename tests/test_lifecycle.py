@@ -14,7 +14,6 @@ import sys
 import textwrap
 import time
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -96,24 +95,14 @@ def gone(process: psutil.Process, timeout: float) -> bool:
         time.sleep(0.02)
 
 
-@pytest.fixture
-def command() -> Iterator[list[Command]]:
-    started: list[Command] = []
-    yield started
-    for c in started:  # a failed test must not leave processes behind
-        if c.proc.poll() is None:
-            c.proc.kill()
-            c.proc.wait()
-
-
 @needs_mosquitto
 @pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)],
                          ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_stream_cleanly_within_2s_and_removes_the_embedded_broker(
-        signum: int, tiny: str, long_wav: str, command: list[Command]) -> None:
+        signum: int, tiny: str, long_wav: str, spawned: list[Command]) -> None:
     c = Command("stream", "--checkpoint", tiny, "--dtype", "float32", "--input", long_wav, "--realtime",
                 "--chunk", "25")
-    command.append(c)
+    spawned.append(c)
     c.wait_for(r"^streaming: ")
     broker, folder = c.embedded_broker()
     time.sleep(1.0)  # audio is flowing
@@ -126,9 +115,9 @@ def test_signal_stops_stream_cleanly_within_2s_and_removes_the_embedded_broker(
 
 @needs_mosquitto
 def test_sigkill_of_the_owner_takes_the_embedded_broker_with_it(tiny: str, long_wav: str,
-                                                                 command: list[Command]) -> None:
+                                                                 spawned: list[Command]) -> None:
     c = Command("stream", "--checkpoint", tiny, "--dtype", "float32", "--input", long_wav, "--realtime")
-    command.append(c)
+    spawned.append(c)
     c.wait_for(r"^broker: embedded, mqtt://")
     broker, folder = c.embedded_broker()
     t0 = time.monotonic()
@@ -145,9 +134,9 @@ def test_sigkill_of_the_owner_takes_the_embedded_broker_with_it(tiny: str, long_
 
 
 @needs_mosquitto
-def test_ctrl_c_ends_listen_within_2s(mosquitto: Mosquitto, command: list[Command]) -> None:
+def test_ctrl_c_ends_listen_within_2s(mosquitto: Mosquitto, spawned: list[Command]) -> None:
     c = Command("listen", "--broker", mosquitto.url)
-    command.append(c)
+    spawned.append(c)
     deadline = time.monotonic() + 60
     # listen prints nothing until a message comes: wait until its client is connected to the broker
     while "New client connected" not in mosquitto.log_file.read_text(errors="replace"):
@@ -194,10 +183,10 @@ def test_a_command_stuck_after_ctrl_c_is_still_ended_within_2s() -> None:
 
 @pytest.mark.heavy
 def test_stream_from_the_microphone_stops_on_ctrl_c_within_2s(pulse_mic, tiny: str,
-                                                               command: list[Command]) -> None:
+                                                               spawned: list[Command]) -> None:
     c = Command("stream", "--checkpoint", tiny, "--dtype", "float32", "--input", "mic:pulse", "--broker", "none",
                 "--save", os.devnull, env={**ENV, **pulse_mic.env})
-    command.append(c)
+    spawned.append(c)
     c.wait_for(r"^streaming: ")
     time.sleep(1.0)
     code, seconds, err = c.signal_and_time(signal.SIGINT)
@@ -205,12 +194,12 @@ def test_stream_from_the_microphone_stops_on_ctrl_c_within_2s(pulse_mic, tiny: s
 
 
 def test_microphone_lost_mid_stream_ends_stream_non_zero_in_one_line(pulse_mic, tiny: str,
-                                                                     command: list[Command]) -> None:
+                                                                     spawned: list[Command]) -> None:
     """The sound server dies while ``stream --input mic`` records: the run ends at once, exit 2, and its
     last stderr line says the microphone was lost (PortAudio's own ALSA diagnostics may come before it)."""
     c = Command("stream", "--checkpoint", tiny, "--dtype", "float32", "--input", "mic:pulse", "--broker", "none",
                 "--save", os.devnull, "--seconds", "60", env={**ENV, **pulse_mic.env})
-    command.append(c)
+    spawned.append(c)
     c.wait_for(r"^streaming: ")
     time.sleep(1.0)
     t0 = time.monotonic()

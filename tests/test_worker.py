@@ -83,16 +83,6 @@ class WorkerProcess:
         return self.proc.stderr.read() if self.proc.stderr else ""  # type: ignore[union-attr]
 
 
-@pytest.fixture
-def workers():
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:  # a failed test must not leave processes behind
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
-
-
 @dataclass
 class Received:
     """What the subscriber saw of one stream: every embeddings message as it arrived, and its statuses."""
@@ -160,8 +150,9 @@ def check_exact(model, rec: Received, wav: np.ndarray) -> None:
 
 @pytest.mark.parametrize("join", [False, pytest.param(True, marks=pytest.mark.heavy)], ids=["drain-kill",
                                                                                          "drain-join-kill"])
-def test_workers_share_streams_and_hand_them_over_with_no_gap(hf_models, model, mosquitto, workers, join):
+def test_workers_share_streams_and_hand_them_over_with_no_gap(hf_models, model, mosquitto, spawned, join):
     """Three workers; one drains on SIGTERM mid-stream, (heavy: a fourth joins mid-stream,) one is killed."""
+    workers: list[WorkerProcess] = spawned
     checkpoint = str(hf_models["base"][1])
     three, two = ["w0", "w1", "w2"], ["w0", "w2"]
     last = ["w0", "w2", "w3"] if join else two  # the live workers when w2 is killed
