@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..config import WavLMConfig
 from ..kernels import KeyLayout, gate_from_logits, gated_rel_attention
-from .linear import Linear, Packed, linear, pack
+from .linear import Linear, Packed, cpu_inference, linear, pack
 
 
 @dataclass
@@ -84,7 +84,7 @@ class SelfAttention(nn.Module):
         h, hd = self.num_heads, self.head_dim
         y = linear(x, self.qkvg_weight, self.qkvg_bias, self.qkvg_packed)
         qkv = y[..., :3 * d]
-        if self.kv_dtype != qkv.dtype and qkv.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.kv_dtype != qkv.dtype and cpu_inference(qkv):
             qkv = qkv.to(self.kv_dtype)
         q, k, v = (qkv[..., i * d:(i + 1) * d].view(b, t, h, hd).transpose(1, 2) for i in range(3))
         logits = y[..., 3 * d:].view(b, t, h, 2).transpose(1, 2)

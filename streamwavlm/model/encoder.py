@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..config import WavLMConfig
 from .attention import AttentionContext, KVCache, SelfAttention
-from .linear import Linear
+from .linear import Linear, cpu_inference
 
 
 class FeatureProjection(nn.Module):
@@ -59,7 +59,7 @@ class PositionalConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x + GELU(conv(x))`` for ``x (B, T, D)`` with zeros beyond both ends."""
-        if self.low_weight is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.low_weight is not None and cpu_inference(x):
             y = F.conv1d(x.transpose(1, 2).to(self.dtype), self.low_weight, None, padding=self.kernel // 2,
                          groups=self.groups).float() + self.conv.bias[:, None]
         else:

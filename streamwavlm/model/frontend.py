@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
-from .linear import Precision
+from .linear import Precision, cpu_inference
 
 Stats = tuple[Tensor, Tensor]  # per-channel (mean, biased variance), each (B, C)
 
@@ -92,7 +92,7 @@ class FrontEnd(nn.Module):
         if self.cfg.num_frames(wav.shape[-1]) == 0:  # too short for one frame: no frames, not an error
             return wav.new_zeros(wav.shape[0], 0, self.cfg.conv_dim)
         x = wav[:, None, :]
-        low = bool(self.low) and not torch.is_grad_enabled() and wav.device.type == "cpu"
+        low = bool(self.low) and cpu_inference(wav)
         for i in range(len(self.convs)):
             plain = self.group_norm and i > 0  # conv then GELU, no norm between: one fused op
             x = self._conv(i, x, low, gelu=plain)

@@ -124,9 +124,15 @@ def pack(weight: Tensor, bias: Tensor | None) -> Packed | None:
 _INPUTS = (torch.float32, torch.bfloat16)
 
 
+def cpu_inference(x: Tensor) -> bool:
+    """Whether the CPU precision paths (packed weights, bf16 copies) apply to ``x``: they are made for
+    inference on the CPU; autograd and other devices take the modules' own fp32 weights."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled()
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None, packed: Packed | None) -> Tensor:
     """``x @ weight.T + bias`` in fp32, through the packed weights when they apply to this call."""
-    if packed is None or x.device.type != "cpu" or x.dtype not in _INPUTS or torch.is_grad_enabled():
+    if packed is None or x.dtype not in _INPUTS or not cpu_inference(x):
         return F.linear(x.to(weight.dtype), weight, bias)
     return packed(x)
 
