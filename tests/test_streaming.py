@@ -123,23 +123,47 @@ def test_batched_streams_equal_solo_streams(models, speech):
         pool.open(f"filler{filler}")
     for free in (0, 2, 5):  # the streams sit in scattered slots, with busy slots between them
         pool.discard(free)
-    slots = [pool.open(f"s{i}") for i in range(3)]
-    assert slots == [0, 2, 5]
+    for got, ref in zip(run_joining_streams(pool, wavs), solo, strict=True):
+        assert (got - ref).abs().max() < 1e-5
+
+
+def run_joining_streams(pool: StreamPool, wavs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Streams that join and end at different ticks, so consecutive steps have different batch sizes."""
+    slots = [pool.open(f"s{i}") for i in range(len(wavs))]
     queues = {slot: SampleQueue() for slot in slots}
-    got = {i: [] for i in slots}
-    offsets = [0, 0, 0]
-    start_at = [0, 3, 6]  # streams join at different times and so sit at different positions
+    got: dict[int, list] = {slot: [] for slot in slots}
+    offsets = [0] * len(wavs)
     for tick in range(60):
         for j, slot in enumerate(slots):
-            if tick >= start_at[j] and offsets[j] < wavs[j].numel():
-                queues[slot].put(wavs[j][offsets[j]:offsets[j] + 640].numpy())
+            if tick >= 3 * j and offsets[j] < wavs[j].numel():
+                queues[slot].put(wavs[j][offsets[j]:offsets[j] + 640].cpu().numpy())
                 offsets[j] += 640
         ready = {slot: q.take(pool.need(slot)) for slot, q in queues.items() if len(q) >= pool.need(slot)}
         for o in pool.step(ready):
             got[pool.slot_of(o.stream_id)].append(o)
-    for j, slot in enumerate(slots):
+    for slot in slots:
         got[slot] += pool.close(slot, queues[slot].take(len(queues[slot])))
-        assert (frames_of(got[slot]) - solo[j]).abs().max() < 1e-5
+    return [frames_of(got[slot]).cpu() for slot in slots]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["base", "large"])
+def test_cuda_graph_steps_equal_eager_steps(hf_models, kind):
+    model = load_model(hf_models[kind][1]).to("cuda")
+    s = StreamSettings(chunk=4, left=12, lookahead=2)
+    noise = torch.randn(30000, generator=torch.Generator().manual_seed(0)) * 0.1  # no sound files on GPU hosts
+    wavs = [noise[:15000], noise[3000:20000] * 0.5, noise[7000:30000]]
+    eager = run_joining_streams(StreamPool(model, s, capacity=4, cuda_graphs=False), wavs)
+    pool = StreamPool(model, s, capacity=4)  # graphs by default on a GPU
+    graphed = run_joining_streams(pool, wavs)
+    assert pool._graphs is not None and pool._graphs.captured >= 3  # batch sizes 1, 2 and 3 replayed
+    for a, b in zip(eager, graphed, strict=True):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_cuda_graphs_need_a_cuda_model(models):
+    with pytest.raises(ValueError, match="CUDA device"):
+        StreamPool(models["base"], StreamSettings(chunk=4, left=12), cuda_graphs=True)
 
 
 def test_save_restore_equals_uninterrupted(models, speech):
@@ -308,3 +332,14 @@ def test_an_hour_of_audio_keeps_a_flat_footprint(models):
             marks.append(rss_mb())
     assert frames >= 3600 * 50 - 100
     assert marks[1] - marks[0] < 20, marks
+
+
+def test_a_graph_replay_is_checked_against_its_eager_step():
+    from streamwavlm.streaming.graphs import _mismatch
+
+    eager = [torch.randn(2, 4, 8), torch.randn(2, 4, 8)]
+    assert _mismatch([t.clone() for t in eager], eager) is None
+    assert _mismatch([eager[0].half(), eager[1].half()], eager) is None  # rounding of a half replay
+    off = [eager[0].clone(), eager[1].clone()]
+    off[1][1, 2, 3] += 0.1
+    assert "hidden state 1" in (_mismatch(off, eager) or "")

@@ -130,7 +130,7 @@ def test_torch_backend_equals_the_oracle(tga: ModuleType, seed: int) -> None:
     q, k, v, gate, table, q_pos, k_pos = make_inputs(gen, 2, 3, tq, tk, max_dist=6, shuffle=seed == 2)
     if tq == tk:
         k_pos = q_pos  # offline: queries and keys at the same consecutive frames
-    kw = [{}, {"chunk": 4, "left": 6}, {"k_len": torch.tensor([tk, tk // 2])}, {"chunk": 8}][seed // 2]
+    kw = [{}, {"chunk": 4, "left": 6}, {"k_len": torch.tensor([tk, tk // 2], device=DEVICE)}, {"chunk": 8}][seed // 2]
     layout = KeyLayout(q_pos, k_pos, **kw)
     expected = tga.reference_attention(q, k, v, gate, table, layout)
     assert_close(gated_rel_attention_torch(q, k, v, gate, table, layout, block_q=8), expected)
@@ -401,7 +401,8 @@ def test_model_streaming_step_through_triton_equals_torch(tga: ModuleType, no_fo
 
     def stream(backend: str) -> Tensor:
         set_backend(backend)
-        pool = StreamPool(model, StreamSettings(chunk=4, left=8, lookahead=2, layers=(1, 2)), capacity=3)
+        settings = StreamSettings(chunk=4, left=8, lookahead=2, layers=(1, 2))
+        pool = StreamPool(model, settings, capacity=3, cuda_graphs=False)  # every step calls the kernel
         a, gap, b = pool.open("a"), pool.open("gap"), pool.open("b")
         pool.discard(gap)  # a and b sit in scattered slots: the kernel reads their rings through `rows`
         audio = {a: wav, b: wav[1000:6000]}  # b at another position in the same batches

@@ -93,7 +93,7 @@ class PositionalConv(nn.Module):
         rows = torch.empty(g, b, n, taps, cg, dtype=weight.dtype, device=x.device).copy_(rows.permute(3, 0, 1, 2, 4))
         y = torch.bmm(rows.view(g, b * n, taps * cg), weight)
         y = y.view(g, b, n, cg).permute(1, 2, 0, 3).reshape(b, n, d)
-        return F.gelu(y.float() + self.conv.bias)
+        return F.gelu(y.float() + self.conv.bias).to(x.dtype)
 
 
 class FeedForward(nn.Module):

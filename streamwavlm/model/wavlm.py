@@ -62,6 +62,13 @@ class Encoder(nn.Module):
         self.table = bias_table(self.rel_bias.weight, self.cfg.num_buckets, self.cfg.max_distance).to(
             self.rel_bias.weight.device)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        """Keep the bias table fp32 when the model is cast (``.half()``, ``.to(dtype)``): the kernels read it in
+        fp32, and a half table would be cast back once per layer of every step."""
+        super()._apply(fn, recurse)
+        self.table = self.table.float()
+        return self
+
     def input_norm(self, x: Tensor) -> Tensor:
         """The LayerNorm applied before layer 0 in post-LN models (identity for pre-LN)."""
         return x if self.cfg.layer_norm_first else self.norm(x)

@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from ..audio.validate import SAMPLE_RATE
-from ..kernels import KeyLayout
+from ..kernels import KeyLayout, attention_backend
 from ..model.moments import Moments
 from ..model.wavlm import WavLM
+from .graphs import StageGraphs
 from .settings import NormPolicy, StreamSettings
 from .state import EMPTY_POS, FrontState, KVRings, StreamProgress, StreamState, StreamTensors, XVectorState
 
@@ -61,7 +62,11 @@ class ChunkOutput:
 class StreamPool:
     """Up to ``capacity`` concurrent streams over one model, stepped together."""
 
-    def __init__(self, model: WavLM, settings: StreamSettings, capacity: int = 1) -> None:
+    def __init__(self, model: WavLM, settings: StreamSettings, capacity: int = 1,
+                 cuda_graphs: bool | None = None) -> None:
+        """``cuda_graphs``: replay the Transformer stage of a step from captured CUDA graphs (:mod:`.graphs`),
+        which removes most of a GPU step's launch overhead; ``None`` does so when the model is on a CUDA device
+        (steps whose attention takes the torch backend stay eager)."""
         settings.validate(model.cfg)
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1 stream, got {capacity}")
@@ -78,6 +83,10 @@ class StreamPool:
         self._streams: list[StreamProgress | None] = [None] * capacity
         self._state = self._zeros(capacity)
         self._out_ids = tuple(settings.output_layers(cfg)) + ((-1,) if settings.layer_weights else ())
+        on_cuda = self._state.rings.positions.device.type == "cuda"
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self._graphs = StageGraphs(self._transformer_stage) if on_cuda and cuda_graphs is not False else None
         if settings.layer_weights is not None:
             self._mix = torch.tensor(settings.layer_weights, dtype=torch.float32)
 
@@ -97,7 +106,7 @@ class StreamPool:
         )
         ring = s.left + s.chunk
         # in the attention's dtype (bf16 under the CPU's bf16 and int8 precisions); statistics stay fp64
-        kv_dtype = self.model.encoder.layers[0].attn.kv_dtype if dev.type == "cpu" else param.dtype
+        kv_dtype = (self.model.encoder.layers[0].attn.kv_dtype if dev.type == "cpu" else None) or param.dtype
         kv = [torch.zeros(rows, cfg.num_heads, ring, cfg.head_dim, dtype=kv_dtype, device=dev)
               for _ in range(2 * self.depth)]
         positions = torch.full((rows, ring), EMPTY_POS, dtype=torch.long, device=dev)
@@ -266,8 +275,15 @@ class StreamPool:
 
     def _transformer(self, x: Tensor, first: Tensor, rows: Tensor) -> list[Tensor]:
         """One chunk of each row's frames ``first[b]..`` through the model's layers with the rows' K/V rings."""
+        if self._graphs is not None and x.shape[1] == self.settings.chunk and attention_backend(x.device) == "triton":
+            return self._graphs(x, first, rows)
+        return self._transformer_stage(x, first, rows, runs=True)
+
+    def _transformer_stage(self, x: Tensor, first: Tensor, rows: Tensor, runs: bool = False) -> list[Tensor]:
+        """:meth:`_transformer` itself; ``runs``: look for ring writes that are strided copies (host work that
+        a CUDA graph cannot hold)."""
         q_pos = first[:, None] + torch.arange(x.shape[1], device=x.device)
-        k_pos, caches = self._state.rings.advance(rows, q_pos)
+        k_pos, caches = self._state.rings.advance(rows, q_pos, runs)
         layout = KeyLayout(q_pos, k_pos, chunk=self.settings.chunk, left=self.settings.left, rows=rows)
         return self.model.encoder(x, layout, caches, self.depth)
 

@@ -115,12 +115,13 @@ class KVRings(Rows):
             t.index_fill_(0, rows, 0)
         self.positions.index_fill_(0, rows, EMPTY_POS)
 
-    def advance(self, rows: Tensor, q_pos: Tensor) -> tuple[Tensor, list[RingWrite]]:
+    def advance(self, rows: Tensor, q_pos: Tensor, runs: bool = True) -> tuple[Tensor, list[RingWrite]]:
         """Claim the ring entries of frames ``q_pos (B, T)`` of the given rows; return the rows' key
-        positions ``(B, R)`` and a cache writer per layer."""
+        positions ``(B, R)`` and a cache writer per layer. ``runs``: write as strided copies where the rows
+        and entries are runs (found on the host: not for a CUDA graph)."""
         at = q_pos % self.size
         self.positions[rows[:, None], at] = q_pos
-        span = _runs(rows, at)
+        span = _runs(rows, at) if runs else None
         writes = [RingWrite(k, v, rows, at, span) for k, v in zip(self.keys, self.values, strict=True)]
         return self.positions.index_select(0, rows), writes
 
