@@ -157,7 +157,7 @@ async def _engine_run(path: Path, session: Session | None) -> tuple[float, float
     sinks = [session.sink] if session else []
     async with Engine(pool, sinks) as engine:
         source = FileSource(path)
-        engine.add(session.tap(source, "c") if session else source, "c", live=False)
+        engine.add(session.tap(source, "c", live=False) if session else source, "c", live=False)
         await engine.drain()
     worker = 0.0
     if session is not None:

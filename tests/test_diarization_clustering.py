@@ -146,7 +146,8 @@ def test_session_worker_delivers_events_on_the_loop_and_keeps_the_last_streams(c
     seen: list[tuple[str, str, int]] = []
 
     async def go() -> Session:
-        session = Session(backend="wavlm", vad=None, cluster=SYNTHETIC, keep_finished=2)
+        # room for every window: ``windows`` is the live path, which drops what finds no room
+        session = Session(backend="wavlm", vad=None, cluster=SYNTHETIC, keep_finished=2, capacity=1000)
         session.handlers.append(lambda sid, events: seen.extend(
             (sid, threading.current_thread().name, e.turn) for e in events))
         for sid in ("a", "b", "c"):
@@ -161,3 +162,63 @@ def test_session_worker_delivers_events_on_the_loop_and_keeps_the_last_streams(c
     assert session.finished["c"] and not session.streams
     assert {thread for _, thread, _ in seen} == {threading.main_thread().name}
     assert [sid for sid, _, _ in seen] == sorted(sid for sid, _, _ in seen)  # streams in submission order
+
+
+class ListSource:
+    """Chunks of one array, as fast as they are taken."""
+
+    def __init__(self, audio: np.ndarray, chunk: int) -> None:
+        self.audio, self.chunk = audio, chunk
+
+    stats = None
+
+    async def __aiter__(self):
+        from streamwavlm.audio.source import AudioChunk
+
+        for start in range(0, len(self.audio), self.chunk):
+            yield AudioChunk("s", self.audio[start:start + self.chunk], start, 0.0)
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_a_diarizer_behind_never_blocks_the_loop(live):
+    """With the worker held up: a live tap skips audio beyond the queue's capacity (counted, and the
+    stream's clock still covers every sample); a file tap waits for room without blocking the event loop."""
+    import asyncio
+    import threading
+
+    from streamwavlm.diarization.pipeline import Session
+
+    audio = (np.random.default_rng(0).standard_normal(16000 * 4) * 0.1).astype(np.float32)
+    chunk = 1600  # 40 chunks of 0.1 s
+
+    async def go() -> tuple[Session, list, bool]:
+        session = Session(backend="wavlm", vad="energy", capacity=4)
+        gate, kept = threading.Event(), []
+        worker = session._worker("s")
+        worker.control("s", lambda: gate.wait() and [])  # the worker is busy until the gate opens
+        tapped = session.tap(ListSource(audio, chunk), "s", live=live)
+
+        async def consume() -> None:
+            async for _ in tapped:
+                pass
+
+        task = asyncio.ensure_future(consume())
+        await asyncio.sleep(0.3)  # the loop runs meanwhile: a blocked loop would not get here in time
+        waited = not task.done()
+        gate.set()
+        await asyncio.wait_for(task, 10)
+        worker.control("s", lambda: kept.append(session.streams["s"]) or [])
+        session.close("s")
+        await session.drain()
+        return session, kept, waited
+
+    session, kept, waited = asyncio.run(go())
+    assert kept[0]._samples == len(audio)  # skipped audio still moves the stream's clock
+    if live:
+        assert not waited  # the live source was never held back
+        assert session.skipped["s"] == pytest.approx((40 - 4) * chunk / 16000)
+    else:
+        assert waited and not session.skipped  # the file source waited for room; nothing skipped

@@ -145,6 +145,9 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
         else:
             await _in_process(args, session, xs)
         await session.drain()
+    for stream_id, seconds in session.skipped.items():
+        print(f"warning: {stream_id}: {seconds:.1f} s of live input were not diarized (this machine could not keep "
+              "up; those stretches count as silence)", file=sys.stderr)
     write_outputs(args, session.finished, reference)
     return 0
 
@@ -165,7 +168,7 @@ async def _in_process(args: argparse.Namespace, session: Session, xs: XVectorSet
     async with Engine(pool, [session.sink]) as engine:
         async def accept() -> None:
             async for source, stream_id, live in _sources(spec, args):
-                engine.add(session.tap(source, stream_id), stream_id, live=live)  # type: ignore[arg-type]
+                engine.add(session.tap(source, stream_id, live=live), stream_id, live=live)  # type: ignore[arg-type]
 
         acceptor = asyncio.create_task(accept())
         network = spec.startswith(("ws://", "mqtt://"))

@@ -10,6 +10,11 @@ Speech detection and resemblyzer are work (tens of milliseconds per second of au
 up the event loop that feeds the engine, so every change to a stream's diarization runs, in order, on one
 ``DiarizationWorker`` thread; its torch calls run single-threaded there (two small models gain nothing
 from the engine's thread pool and would spin against it), and the turn events come back to the loop.
+
+The event loop never waits on that thread. At most ``capacity`` chunks of audio (or batches of windows) wait
+for it; when that many are waiting, a file source waits (asynchronously) for room, as the engine makes it
+wait for its own backlog, while a live source's audio is skipped: the diarizer counts it as silence without
+running its models, its clock moves on, and ``Session.skipped`` says how many seconds each stream lost.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,12 +53,16 @@ Job = tuple[str, Callable[[], list[TurnEvent]]]
 
 class DiarizationWorker:
     """A thread that runs diarization jobs in order and hands their events to ``emit`` on the event loop.
-    The queue is bounded (``capacity`` jobs, about that many audio chunks): a source faster than the
-    diarization waits for it rather than letting memory grow."""
+
+    Jobs that carry data (audio, windows) take one of ``capacity`` places until they have run: ``offer``
+    refuses one when none is free and ``put`` waits for one without blocking the loop. Control jobs (the end
+    of a stream) need no place, so they are never refused or delayed.
+    """
 
     def __init__(self, emit: EventHandler, capacity: int = 256) -> None:
         self._emit = emit
-        self._queue: queue.Queue[Job | None] = queue.Queue(capacity)
+        self._queue: queue.SimpleQueue[tuple[Job, bool] | None] = queue.SimpleQueue()
+        self._places = threading.Semaphore(capacity)
         self._loop = asyncio.get_running_loop()
         self._error: BaseException | None = None
         self.cpu_seconds = 0.0  # thread CPU time spent in jobs
@@ -68,8 +77,21 @@ class DiarizationWorker:
         self._threads_set.wait()
         torch.set_num_threads(threads)
 
-    def submit(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
-        self._queue.put((stream_id, job))
+    def offer(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> bool:
+        """Queue a data job if a place is free; False (nothing queued) when ``capacity`` jobs are waiting."""
+        if not self._places.acquire(blocking=False):
+            return False
+        self._queue.put(((stream_id, job), True))
+        return True
+
+    async def put(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
+        """Queue a data job, waiting (on the loop, not blocking it) for a free place."""
+        while not self.offer(stream_id, job):
+            await asyncio.sleep(0.005)
+
+    def control(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
+        """Queue a job that takes no place (it follows every job queued before it)."""
+        self._queue.put(((stream_id, job), False))
 
     def _run(self) -> None:
         import torch
@@ -79,7 +101,7 @@ class DiarizationWorker:
         self._threads_set.set()
         started = time.thread_time()
         while (item := self._queue.get()) is not None:
-            stream_id, job = item
+            (stream_id, job), holds_place = item
             try:
                 if self._error is None:
                     events = job()
@@ -88,11 +110,14 @@ class DiarizationWorker:
             except BaseException as e:  # kept for ``stop`` to raise on the loop
                 log.error("diarization of %s failed: %s", stream_id, e)
                 self._error = e
+            finally:
+                if holds_place:
+                    self._places.release()
             self.cpu_seconds = time.thread_time() - started
 
     async def stop(self) -> None:
         """Run what is queued, end the thread, deliver the last events; raise a job's error."""
-        await asyncio.to_thread(self._queue.put, None)
+        self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
         await asyncio.sleep(0)  # the events it scheduled run before we return
         if self._error is not None:
@@ -135,6 +160,19 @@ class StreamDiarization:
         whole = len(pending) // self.block * self.block
         self._pending, self._pending_samples = [pending[whole:]], len(pending) - whole
         return [e for start in range(0, whole, self.block) for e in self._run(pending[start:start + self.block])]
+
+    def skip(self, samples: int) -> list[TurnEvent]:
+        """``samples`` more of the stream that were not analysed (the diarizer fell behind a live source):
+        silence to the diarizer, without running its models. The audio still pending (less than a block,
+        before the skipped span) is skipped with it: a block of half skipped audio is not worth a model call."""
+        n = self._pending_samples + samples
+        self._pending, self._pending_samples = [], 0
+        self._samples += n
+        if self.vad is not None:
+            self.diarizer.add_speech(self.vad.skip(n))
+        if self.embedder is not None:  # the embedder's clock moves on; no window over the gap is embedded
+            self.embedder.push(np.zeros(n, np.float32), lambda start, end: None)
+        return self.diarizer.advance(self._samples / SAMPLE_RATE)
 
     def _run(self, samples: np.ndarray) -> list[TurnEvent]:
         self._samples += len(samples)
@@ -181,7 +219,10 @@ class Session:
     streams: dict[str, StreamDiarization] = field(default_factory=dict)
     finished: OrderedDict[str, list[Segment]] = field(default_factory=OrderedDict)
     worker: DiarizationWorker | None = None
+    capacity: int = 256  # chunks of audio (or batches of windows) that may wait for the worker
+    skipped: dict[str, float] = field(default_factory=dict)  # seconds of live audio not analysed, per stream
     _active: set[str] = field(default_factory=set)  # streams fed and not closed, as the event loop sees them
+    _behind: dict[str, int] = field(default_factory=dict)  # samples skipped and not yet told to the stream
 
     def __post_init__(self) -> None:
         if self.backend not in ("resemblyzer", "wavlm"):
@@ -206,43 +247,65 @@ class Session:
             for handler in self.handlers:
                 handler(stream_id, events)
 
-    def _submit(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
+    def _worker(self, stream_id: str) -> DiarizationWorker:
         self._active.add(stream_id)
         if self.worker is None:
-            self.worker = DiarizationWorker(self.emit)
-        self.worker.submit(stream_id, job)
+            self.worker = DiarizationWorker(self.emit, self.capacity)
+        return self.worker
 
-    def tap(self, source: AudioSource, stream_id: str) -> TappedSource:
-        """``source`` for the engine, with the diarizer listening in."""
-        return TappedSource(source, lambda samples: self._submit(
-            stream_id, lambda: self.stream(stream_id).audio(samples)))
+    def tap(self, source: AudioSource, stream_id: str, *, live: bool = True) -> TappedSource:
+        """``source`` for the engine, with the diarizer listening in. ``live``: when the diarizer is behind,
+        skip audio (counted in ``skipped``) rather than make the source wait, as for the engine's ``add``."""
+        return TappedSource(source, lambda samples: self._audio(stream_id, samples, live))
+
+    async def _audio(self, stream_id: str, samples: np.ndarray, live: bool) -> None:
+        behind = self._behind.pop(stream_id, 0)
+
+        def job() -> list[TurnEvent]:
+            stream = self.stream(stream_id)
+            return (stream.skip(behind) if behind else []) + stream.audio(samples)
+
+        worker = self._worker(stream_id)
+        if not live:
+            await worker.put(stream_id, job)
+        elif not worker.offer(stream_id, job):
+            self._behind[stream_id] = behind + len(samples)
+            self.skipped[stream_id] = self.skipped.get(stream_id, 0.0) + len(samples) / SAMPLE_RATE
+            if not behind:
+                log.warning("diarization of %s is behind its live audio: skipping audio until it catches up",
+                            stream_id)
 
     def windows(self, stream_id: str, windows: Sequence[Window]) -> None:
-        """Embeddings from elsewhere (engine x-vectors, the ``xvector`` topic) for one stream."""
-        self._submit(stream_id, lambda: self.stream(stream_id).windows(windows))
+        """Embeddings from elsewhere (the ``xvector`` topic: live) for one stream; dropped (and counted in
+        ``skipped``) when the diarizer is behind."""
+        if not self._worker(stream_id).offer(stream_id, lambda: self.stream(stream_id).windows(windows)):
+            seconds = windows[-1].end - windows[0].start if windows else 0.0
+            self.skipped[stream_id] = self.skipped.get(stream_id, 0.0) + seconds
 
     async def sink(self, out: EngineOutput) -> None:
         """Engine sink: x-vectors become windows (WavLM backend); the final chunk ends the stream."""
-        if self.backend == "wavlm" and out.chunk.xvectors:
-            self.windows(out.stream_id, windows_from_output(out, self.xvector_window, self.hop_samples))
+        if self.backend == "wavlm" and out.chunk.xvectors:  # waits for room: the engine's own policy decides
+            windows = windows_from_output(out, self.xvector_window, self.hop_samples)
+            await self._worker(out.stream_id).put(out.stream_id, lambda: self.stream(out.stream_id).windows(windows))
         if out.chunk.final:
             self.close(out.stream_id)
 
     def close(self, stream_id: str) -> None:
         """End a stream: its remaining frames become final."""
         if stream_id in self._active:
-            self._submit(stream_id, lambda: self._finish(stream_id))
+            behind = self._behind.pop(stream_id, 0)
+            self._worker(stream_id).control(stream_id, lambda: self._finish(stream_id, behind))
             self._active.discard(stream_id)
 
     def close_all(self) -> None:
         for stream_id in list(self._active):
             self.close(stream_id)
 
-    def _finish(self, stream_id: str) -> list[TurnEvent]:
+    def _finish(self, stream_id: str, behind: int) -> list[TurnEvent]:
         stream = self.streams.pop(stream_id, None)
         if stream is None:
             return []
-        events = stream.finish()
+        events = (stream.skip(behind) if behind else []) + stream.finish()
         self.finished[stream_id] = stream.diarizer.segments()
         while len(self.finished) > self.keep_finished:
             self.finished.popitem(last=False)
@@ -256,9 +319,10 @@ class Session:
 
 
 class TappedSource:
-    """An ``AudioSource`` that also hands each chunk's samples to ``listener`` (gaps as silence)."""
+    """An ``AudioSource`` that also hands each chunk's samples to ``listener`` (gaps as silence), awaiting it
+    before the chunk goes on (so a listener may hold a file source back)."""
 
-    def __init__(self, source: AudioSource, listener: Callable[[np.ndarray], None]) -> None:
+    def __init__(self, source: AudioSource, listener: Callable[[np.ndarray], Awaitable[None]]) -> None:
         self.source = source
         self.listener = listener
         self._next = 0
@@ -270,8 +334,8 @@ class TappedSource:
     async def __aiter__(self) -> AsyncIterator[AudioChunk]:
         async for chunk in self.source:
             if chunk.start > self._next:
-                self.listener(np.zeros(chunk.start - self._next, np.float32))
-            self.listener(chunk.samples.copy())  # the source may reuse its buffer before the listener reads it
+                await self.listener(np.zeros(chunk.start - self._next, np.float32))
+            await self.listener(chunk.samples.copy())  # the source may reuse its buffer before the listener reads it
             self._next = chunk.end
             yield chunk
 

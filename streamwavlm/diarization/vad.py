@@ -32,6 +32,9 @@ class _Hysteresis:
         self._speaking = False
         self._quiet = 0
 
+    def reset(self) -> None:
+        self._speaking, self._quiet = False, 0
+
     def __call__(self, score: float) -> bool:
         if score >= self.onset or (self._speaking and score >= self.offset):
             self._speaking, self._quiet = True, 0
@@ -61,6 +64,19 @@ class _FrameVad:
             return np.zeros(0, bool)
         return np.array([self._decide(float(score)) for score in self._scores(frames)], bool)
 
+    def skip(self, samples: int) -> np.ndarray:
+        """Non-speech decisions for the frames completed by ``samples`` that are not analysed (a diarizer
+        behind a live stream skips them); the detector then starts again as after silence."""
+        total = len(self._buffer) + samples
+        n = total // FRAME
+        self._buffer = np.zeros(total - n * FRAME, np.float32)
+        self._decide.reset()
+        self._restart()
+        return np.zeros(n, bool)
+
+    def _restart(self) -> None:
+        """Forget the audio before a skipped span (model state that follows the signal)."""
+
 
 CONTEXT = 64  # samples of the previous frame silero's 16 kHz network sees before each frame
 
@@ -74,6 +90,10 @@ class SileroVad(_FrameVad):
 
         self._torch = torch
         self._weights, self._basis = _silero_weights()
+        self._restart()
+
+    def _restart(self) -> None:
+        torch = self._torch
         self._context = torch.zeros(CONTEXT)
         self._state = (torch.zeros(1, 128), torch.zeros(1, 128))
 
