@@ -73,7 +73,8 @@ class StageGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            # thread_local: the engine's other threads (sinks copying results out) may call CUDA meanwhile
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 outputs = self.stage(*inputs)
             graph.replay()
             mismatch = _mismatch(outputs, result)
