@@ -199,10 +199,10 @@ def _block_terms(
         last = int((q_pos[0, -1] - k_pos[0, 0]).item()) + 1
         bias = ext.as_strided((heads, tq, tk), (ext.stride(0), 1, 1), tk - last)
         mask = None if mask is None else mask.flip(1)
-    else:
+    else:  # made contiguous once here: every layer reads it
         dist = (k_pos[:, None, :] - q_pos[:, :, None]).clamp_(-max_d, max_d).add_(max_d)
-        bias = table[:, dist].permute(1, 0, 2, 3)  # (B, H, blk, Tk)
-    if mask is None:
+        bias = table[:, dist].permute(1, 0, 2, 3).contiguous()  # (B, H, blk, Tk)
+    if mask is None or bool(mask.all()):  # a stream's full ring: every key allowed, no mask pass per layer
         return bias, None, None
     mask_add = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     mask_add.masked_fill_(~mask, torch.finfo(torch.float32).min)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .threads import all_threads
+
 Precision = Literal["float32", "bfloat16", "int8"]
 PRECISIONS: tuple[Precision, ...] = ("float32", "bfloat16", "int8")
 
@@ -69,7 +71,9 @@ class PackedFloat(Packed):
         self.bias = None if bias is None else bias.detach().to(self.dtype)
 
     def __call__(self, x: Tensor) -> Tensor:
-        y = torch.ops.mkldnn._linear_pointwise(_rows(x).to(self.dtype), self.weight, self.bias, "none", [], "")
+        x = _rows(x).to(self.dtype)
+        with all_threads():
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return y.float()
 
 
@@ -97,12 +101,13 @@ class PackedInt8(Packed):
         self.bias = None if bias is None else bias.detach().float()
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = _rows(x).float()
-        row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(_TINY) / 127
+        x = _rows(x)  # fp32, or bf16 (the attention output): its largest magnitude is exact, the rest widens below
+        row_scale = x.abs().amax(-1, keepdim=True).float().clamp_min_(_TINY).div_(127)
         # round(x / s) + 128 in two passes: x / s + 128.5 lies in [1.5, 255.5] and the cast truncates
         q = torch.addcmul(_HALF_UP, x, row_scale.reciprocal()).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.weight, self.scale, self.zero_points, None,
-                                               1.0, 0, torch.float32, "none", [None], "")
+        with all_threads():
+            y = torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.weight, self.scale, self.zero_points, None,
+                                                   1.0, 0, torch.float32, "none", [None], "")
         return y.mul_(row_scale) if self.bias is None else torch.addcmul(self.bias, y, row_scale)
 
 

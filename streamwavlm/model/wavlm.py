@@ -22,6 +22,7 @@ from .encoder import EncoderLayer, FeatureProjection, PositionalConv
 from .frontend import FrontEnd
 from .moments import Moments
 from .position import bias_table
+from .threads import serial
 from .xvector import XVectorHead
 
 # CNN block size (frames) above which the front end runs block by block with two-pass GroupNorm statistics
@@ -83,12 +84,14 @@ class Encoder(nn.Module):
 
         Offline, ``layout`` places the queries and keys at the frames of ``x``; the streaming pool passes
         each layer's K/V cache and a layout over what the caches hold. ``depth``: stop after that many layers.
+        A small call (a chunk of one or two streams) runs its elementwise work on one thread (:mod:`.threads`).
         """
         ctx = AttentionContext(self.table, layout)
         hidden = [x]
-        for i, layer in enumerate(self.layers[:depth]):
-            x = layer(x, ctx, None if caches is None else caches[i])
-            hidden.append(x)
+        with serial(x.shape[0] * x.shape[1]):
+            for i, layer in enumerate(self.layers[:depth]):
+                x = layer(x, ctx, None if caches is None else caches[i])
+                hidden.append(x)
         return hidden
 
 
