@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import pty
 import subprocess
@@ -126,14 +127,19 @@ def test_turn_events_on_the_speakers_topic(spoken, tiny, tmp_path, mosquitto):
     _, path = spoken
     rttm = tmp_path / "hyp.rttm"
     received: list[dict] = []
+    statuses: list[str] = []  # the diarizer's own status topic (a Publisher's), online then offline
 
     async def scenario() -> int:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.subscribe("dz/+/speakers", qos=1)
+            await client.subscribe("dz/_speakers/status", qos=1)
 
             async def collect() -> None:
                 async for m in client.messages:
-                    received.append(decode_event(m.payload))
+                    if m.topic.matches("dz/_speakers/status"):
+                        statuses.append(json.loads(m.payload)["state"])
+                    else:
+                        received.append(decode_event(m.payload))
 
             collector = asyncio.create_task(collect())
             code = await asyncio.to_thread(main, [
@@ -150,6 +156,7 @@ def test_turn_events_on_the_speakers_topic(spoken, tiny, tmp_path, mosquitto):
     finals = [(round(e["start"], 3), round(e["end"], 3), e["label"]) for e in received if e["event"] == "final"]
     assert finals == [(round(s.start, 3), round(s.end, 3), s.speaker) for s in read_rttm(rttm)["talk"]]
     assert {e["stream_id"] for e in received} == {"talk"} and {"start", "final"} <= {e["event"] for e in received}
+    assert statuses[0] == "online" and statuses[-1] == "offline"
 
 
 @pytest.mark.parametrize("argv,expected", [

@@ -138,7 +138,10 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
         print(f"enrolled speakers: {', '.join(s.name for s in enrolled)}", file=out)
     async with contextlib.AsyncExitStack() as stack:
         if args.broker:
-            publisher = await stack.enter_async_context(SpeakerPublisher(args.broker, args.prefix))
+            try:
+                publisher = await stack.enter_async_context(SpeakerPublisher(args.broker, args.prefix))
+            except BrokerUnavailable as e:
+                raise ValueError(str(e)) from None
             session.handlers.append(publisher.publish)
         if args.subscribe:
             await _from_mqtt(args, session)

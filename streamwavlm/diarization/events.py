@@ -3,32 +3,24 @@
 Turn events are few (a handful per turn) and read by people and dashboards, so they travel as JSON rather
 than the binary embedding format. Each payload carries a per-stream ``seq`` and an ``epoch`` (this run's
 start in microseconds) so a subscriber can detect loss and restarts as it does for embeddings.
-``SpeakerPublisher`` owns one connection; ``publish`` only queues (bounded; the oldest is dropped and
-counted when the broker is away too long), one task sends at QoS 1 and reconnects with backoff.
+``SpeakerPublisher`` sends them through an :class:`~streamwavlm.mqtt.Publisher` (its bounded outbox that
+drops the oldest when the broker is away too long, QoS 1, reconnection with backoff, and a retained status
+with a last will on ``<prefix>/_speakers/status``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import logging
 import time
-import uuid
-from collections import deque
 from typing import Any
 
-import aiomqtt
-
-from ..mqtt import topics
-from ..mqtt.connection import Backoff, Connection
+from ..mqtt.publisher import Publisher
 from .turns import TurnEvent
-
-log = logging.getLogger(__name__)
 
 FORMAT = "streamwavlm-speakers"
 VERSION = 1
 KIND = "speakers"
+STATUS_ID = "_speakers"  # the diarizer's own status topic, beside the engines' ``_engine``
 
 
 def encode_event(stream_id: str, seq: int, epoch: int, event: TurnEvent) -> bytes:
@@ -53,68 +45,29 @@ def decode_event(payload: bytes | str) -> dict[str, Any]:
 
 
 class SpeakerPublisher:
-    """``async with SpeakerPublisher(url, prefix) as pub: pub.publish(stream_id, events)``."""
+    """``async with SpeakerPublisher(url, prefix) as pub: pub.publish(stream_id, events)``. Options of
+    :class:`~streamwavlm.mqtt.Publisher` pass through (``connect_timeout``: how long the start waits for the
+    broker before raising ``BrokerUnavailable``)."""
 
-    def __init__(self, broker: str, prefix: str = "streamwavlm", *, protocol: str | None = None,
-                 queue_size: int = 10000, timeout: float = 10.0) -> None:
-        self._conn = Connection.create(broker, username=None, password=None, protocol=protocol,  # type: ignore[arg-type]
-                                       tls=None, timeout=timeout, keepalive=30)
-        self.prefix = topics.check_prefix(prefix)
-        self.epoch = time.time_ns() // 1000
-        self.sent = 0
-        self.dropped = 0
-        self._queue: deque[tuple[str, bytes]] = deque()
-        self._size = queue_size
+    def __init__(self, broker: str, prefix: str = "streamwavlm", *, queue_size: int = 10000,
+                 **options: Any) -> None:
+        self.publisher = Publisher(broker, prefix=prefix, outbox_size=queue_size, status_id=STATUS_ID,
+                                   **options)
         self._seq: dict[str, int] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return self.publisher.epoch
 
     def publish(self, stream_id: str, events: list[TurnEvent]) -> None:
-        topic = topics.topic(self.prefix, topics.check_level(stream_id, "stream id"), KIND)
         for e in events:
             seq = self._seq.get(stream_id, 0)
             self._seq[stream_id] = seq + 1
-            if len(self._queue) >= self._size:
-                self._queue.popleft()
-                self.dropped += 1
-            self._queue.append((topic, encode_event(stream_id, seq, self.epoch, e)))
-        self._idle.clear()
-        self._wake.set()
-
-    async def flush(self, timeout: float = 10.0) -> bool:
-        if not self._queue:
-            return True
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        return not self._queue
+            self.publisher.publish_payload(stream_id, KIND, encode_event(stream_id, seq, self.epoch, e))
 
     async def __aenter__(self) -> SpeakerPublisher:
-        self._task = asyncio.create_task(self._run(), name="speaker-publisher")
+        await self.publisher.__aenter__()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.flush()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        backoff = Backoff()
-        while True:
-            try:
-                async with self._conn.client(f"streamwavlm-speakers-{uuid.uuid4().hex[:8]}") as client:
-                    backoff.reset()
-                    while True:
-                        while self._queue:
-                            topic, payload = self._queue[0]
-                            await client.publish(topic, payload, qos=1)
-                            self._queue.popleft()
-                            self.sent += 1
-                        self._idle.set()
-                        self._wake.clear()
-                        await self._wake.wait()
-            except aiomqtt.MqttError as e:
-                log.warning("speakers publisher: %s; reconnecting", e)
-                await asyncio.sleep(backoff.next_delay())
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.publisher.__aexit__(*exc)

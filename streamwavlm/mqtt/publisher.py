@@ -212,11 +212,23 @@ class Publisher:
         if stream.state != "online":
             stream.state = "online"
             self._enqueue_status(msg.stream_id)
+        self._queue_data(msg.stream_id, msg.kind, payload, self._data_properties(msg) if self._conn.v5 else None)
+
+    def publish_payload(self, stream_id: str, kind: str, payload: bytes) -> None:
+        """Queue a payload encoded elsewhere (the diarizer's JSON turn events) on ``<prefix>/<stream_id>/<kind>``
+        with the embeddings' outbox, overflow and reconnection; the stream's status is left alone."""
+        self._check_running()
+        if topics.check_level(stream_id, "stream id").startswith("_"):
+            raise ValueError(f"stream id {stream_id!r}: ids starting with '_' are reserved")
+        if topics.check_level(kind, "kind") == STATUS:
+            raise ValueError("kind 'status' is the JSON status topic; use set_status()")
+        self._queue_data(stream_id, kind, payload, None)
+
+    def _queue_data(self, stream_id: str, kind: str, payload: bytes, properties: Properties | None) -> None:
         if len(self._outbox) - len(self._status_queued) >= self.outbox_size:
             self._drop_oldest()
-        qos = self.qos.get(msg.kind, 1)
-        self._enqueue(_Item(msg.stream_id, topics.topic(self.prefix, msg.stream_id, msg.kind), payload, qos,
-                            self._data_properties(msg) if self._conn.v5 else None))
+        self._enqueue(_Item(stream_id, topics.topic(self.prefix, stream_id, kind), payload, self.qos.get(kind, 1),
+                            properties))
 
     def set_status(self, stream_id: str, *, state: Literal["online", "offline"] = "online",
                    dropped: int | None = None, info: Mapping[str, Any] | None = None) -> None:
