@@ -10,7 +10,8 @@ the machine hits all of them alike; only ratios within this run mean anything. S
 3. streaming C=16, L=250: one stream, and 8 streams stepped together (compute per second of audio);
 4. per-layer cosine and relative error against fp32, offline and streaming, on speech;
 5. int8 per layer type: one type at a time in int8, the rest fp32 (which layers are sensitive);
-6. where a one-stream C=16 run spends its time in each precision (torch profiler, self time per op).
+6. where a one-stream C=16 step spends its time in each precision: per part of the model (wall time, the
+   precisions taking turns chunk by chunk) and per op (torch profiler, self time).
 
 Run: ``OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/bench_precision.py [--out FILE]`` (passive OpenMP
 threads: on a machine shared with other work, spinning threads make every small op wait for a descheduled
@@ -20,10 +21,12 @@ partner, which slows a streaming step up to 5x and would measure the neighbours,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,6 +35,7 @@ from bench_streaming import stream_latency
 from common import cpu_report, finish, hf_model, ours_from_hf, speech
 
 from streamwavlm.checkpoint import load_model
+from streamwavlm.model import attention
 from streamwavlm.model.linear import PRECISIONS, Linear, linear, pack, packing
 from streamwavlm.model.wavlm import WavLM
 from streamwavlm.precision import apply, choose_auto, conv_precision, missing, native_precisions
@@ -162,6 +166,77 @@ def profile(model, wav: torch.Tensor, paths: list[str], top: int = 10) -> list[s
     return lines
 
 
+@contextlib.contextmanager
+def timed_parts(models: dict[str, WavLM], clock: dict[str, float]) -> Iterator[None]:
+    """Add the wall time of each part of the model's step to ``clock[part]`` (the model's methods wrapped on
+    the instances; the attention core through the module's global) while the block runs."""
+    def wrap(obj: object, name: str, part: str) -> None:
+        fn = getattr(obj, name)
+
+        def timed(*args, **kwargs):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                clock[part] += 1000 * (time.perf_counter() - start)
+        setattr(obj, name, timed)
+        wrapped.append((obj, name, fn))
+
+    wrapped: list[tuple[object, str, Callable]] = []
+    for m in models.values():
+        wrap(m.frontend, "forward", "CNN front end")
+        wrap(m.projection, "forward", "feature projection")
+        wrap(m.encoder.pos_conv, "window", "positional conv")
+        wrap(m.encoder, "forward", "Transformer, 12 layers")
+        for layer in m.encoder.layers:
+            wrap(layer.attn, "project", "  QKV+gate linear (with split, bf16 cast, gate)")
+            wrap(layer.attn.out_proj, "forward", "  attention output linear")
+            wrap(layer.ffn.fc1, "forward", "  FFN in linear")
+            wrap(layer.ffn.fc2, "forward", "  FFN out linear")
+    wrap(attention, "gated_rel_attention", "  attention core (bias, softmax, two products)")
+    try:
+        yield
+    finally:
+        for obj, name, fn in reversed(wrapped):  # instances fall back to their class's method; the module's global
+            delattr(obj, name) if obj is not attention else setattr(obj, name, fn)
+
+
+def parts_section(models: dict[str, WavLM], wav: torch.Tensor, skip: int = 3) -> list[str]:
+    """Mean wall milliseconds per one-stream C=16 step, per part of the model, the precisions taking turns."""
+    pools = {p: StreamPool(m, C16) for p, m in models.items()}
+    slots = {p: pool.open("s") for p, pool in pools.items()}
+    sums: dict[str, dict[str, float]] = {p: defaultdict(float) for p in models}
+    clock: dict[str, float] = defaultdict(float)
+    steps, pos = 0, 0
+    with timed_parts(models, clock):
+        while pos + pools["float32"].need(slots["float32"]) <= wav.numel():
+            n = pools["float32"].need(slots["float32"])
+            for p, pool in pools.items():
+                clock.clear()
+                start = time.perf_counter()
+                pool.step({slots[p]: wav[pos:pos + n]})
+                clock["step"] = 1000 * (time.perf_counter() - start)
+                if steps >= skip:
+                    for k, v in clock.items():
+                        sums[p][k] += v
+            pos += n
+            steps += 1
+    counted = steps - skip
+    order = ["step", "CNN front end", "feature projection", "positional conv", "Transformer, 12 layers",
+             "  QKV+gate linear (with split, bf16 cast, gate)", "  attention core (bias, softmax, two products)",
+             "  attention output linear", "  FFN in linear", "  FFN out linear"]
+    mean = {p: {k: v / counted for k, v in d.items()} for p, d in sums.items()}
+    for d in mean.values():
+        d["  rest of the layers (K/V ring writes, norms, residuals, GELU)"] = d["Transformer, 12 layers"] - sum(
+            d[k] for k in order[5:])
+        d["rest of the step (statistics, pool state, outputs)"] = d["step"] - sum(d[k] for k in order[1:5])
+    order += ["  rest of the layers (K/V ring writes, norms, residuals, GELU)",
+              "rest of the step (statistics, pool state, outputs)"]
+    lines = ["| part | " + " | ".join(f"{p} ms" for p in models) + " |", "|---|" + "---|" * len(models)]
+    lines += [f"| {k} | " + " | ".join(f"{mean[p][k]:.1f}" for p in models) + " |" for k in order]
+    return lines
+
+
 def stepped_together(models: dict[str, WavLM], wavs: list[torch.Tensor], settings: StreamSettings,
                      skip: int = 3) -> dict[str, float]:
     """Median milliseconds of one step of ``len(wavs)`` streams, per model; the models take turns on every
@@ -250,6 +325,8 @@ def main() -> None:
         lines.append("")
     if "int8" in paths:
         lines += ["### int8 per layer type (offline, the rest fp32)", "", *sensitivity(model, wav[: 4 * 16000])]
+    lines += ["", "### Where one stream's step goes, per part (C=16, L=250; mean wall ms per step)", "",
+              *parts_section(models, long)]
     lines += ["", "### Where one stream's time goes (C=16, L=250; self CPU time per op)", "",
               *profile(model, wav, paths)]
     finish(lines, args.out)
