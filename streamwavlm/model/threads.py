@@ -9,8 +9,10 @@ passes, GELU, LayerNorm, the attention's softmax and bias. So a small step (:dat
 on the calling thread alone (:func:`serial`), and gives the GEMMs and convolutions, which do use every
 core, all threads back for the call (:func:`all_threads`).
 
-Thread counts in torch are per calling thread (OpenMP's setting is per thread), so another thread's work is
-not affected; results do not change either (these ops split over rows or elements, not within a sum).
+Thread counts in torch are per calling thread (OpenMP's setting is per thread), so a thread that already runs
+torch work keeps its count; only a thread that first touches torch while a small step runs starts with one
+thread (torch copies the last count set). Results do not change (these ops split over rows or elements, not
+within a sum; ``tests/test_threads.py`` compares a stream bit for bit).
 """
 
 from __future__ import annotations
