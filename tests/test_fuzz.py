@@ -391,7 +391,9 @@ class ServerThread:
 
         self.loop = asyncio.new_event_loop()
         unlimited = AccessLimits(connection_rate=1e9, connection_burst=10**9, max_streams_per_client=10**9)
-        self.server = WebSocketAudioServer(max_frame_bytes=65536, hello_timeout=1.0, limits=unlimited)
+        # hello_timeout also bounds the HTTP upgrade (websockets' open_timeout), whose expiry closes the
+        # connection silently: 1 s failed 2 of 6 heavy runs on this 2-core machine (1 of 13 with 5 s, the default)
+        self.server = WebSocketAudioServer(max_frame_bytes=65536, hello_timeout=5.0, limits=unlimited)
         self.consumers: set[asyncio.Task[None]] = set()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
