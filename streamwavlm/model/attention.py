@@ -60,8 +60,8 @@ class SelfAttention(nn.Module):
         self.qkvg_packed: Packed | None = None
         # what q, k, v (and a pool's K/V rings) are kept in on the CPU: bf16 under its bf16 and int8
         # precisions (:func:`~streamwavlm.precision.apply`), which halves the rings and doubles the attention's
-        # speed; None keeps the model's own dtype (a model moved to fp16/bf16 whole, as on a GPU)
-        self.kv_dtype: torch.dtype | None = None
+        # speed; other devices keep the model's own dtype
+        self.kv_dtype = torch.float32
         self.fuse()
 
     @torch.no_grad()
@@ -85,7 +85,7 @@ class SelfAttention(nn.Module):
         h, hd = self.num_heads, self.head_dim
         y = linear(x, self.qkvg_weight, self.qkvg_bias, self.qkvg_packed)
         qkv = y[..., :3 * d]
-        if self.kv_dtype not in (None, qkv.dtype) and cpu_inference(qkv):
+        if self.kv_dtype != qkv.dtype and cpu_inference(qkv):
             qkv = qkv.to(self.kv_dtype)
         q, k, v = (qkv[..., i * d:(i + 1) * d].view(b, t, h, hd).transpose(1, 2) for i in range(3))
         logits = y[..., 3 * d:].view(b, t, h, 2).transpose(1, 2)

@@ -106,7 +106,7 @@ class StreamPool:
         )
         ring = s.left + s.chunk
         # in the attention's dtype (bf16 under the CPU's bf16 and int8 precisions); statistics stay fp64
-        kv_dtype = (self.model.encoder.layers[0].attn.kv_dtype if dev.type == "cpu" else None) or param.dtype
+        kv_dtype = self.model.encoder.layers[0].attn.kv_dtype if dev.type == "cpu" else param.dtype
         kv = [torch.zeros(rows, cfg.num_heads, ring, cfg.head_dim, dtype=kv_dtype, device=dev)
               for _ in range(2 * self.depth)]
         positions = torch.full((rows, ring), EMPTY_POS, dtype=torch.long, device=dev)
