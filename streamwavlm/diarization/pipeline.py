@@ -64,6 +64,8 @@ class DiarizationWorker:
         self._queue: queue.SimpleQueue[tuple[Job, bool] | None] = queue.SimpleQueue()
         self._places = threading.Semaphore(capacity)
         self._loop = asyncio.get_running_loop()
+        self._room = asyncio.Event()  # set (on the loop) when a place is freed while a ``put`` waits
+        self._waiting = 0
         self._error: BaseException | None = None
         self.cpu_seconds = 0.0  # thread CPU time spent in jobs
         self._threads_set = threading.Event()
@@ -86,8 +88,15 @@ class DiarizationWorker:
 
     async def put(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
         """Queue a data job, waiting (on the loop, not blocking it) for a free place."""
-        while not self.offer(stream_id, job):
-            await asyncio.sleep(0.005)
+        self._waiting += 1  # before trying: a place freed after a failed try then always wakes us
+        try:
+            while True:
+                self._room.clear()
+                if self.offer(stream_id, job):
+                    return
+                await self._room.wait()
+        finally:
+            self._waiting -= 1
 
     def control(self, stream_id: str, job: Callable[[], list[TurnEvent]]) -> None:
         """Queue a job that takes no place (it follows every job queued before it)."""
@@ -113,6 +122,8 @@ class DiarizationWorker:
             finally:
                 if holds_place:
                     self._places.release()
+                    if self._waiting:
+                        self._loop.call_soon_threadsafe(self._room.set)
             self.cpu_seconds = time.thread_time() - started
 
     async def stop(self) -> None:
