@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .quoting import shown
+
 ConvSpec = tuple[int, int, int]  # (out channels, kernel, stride)
 MAX_SIZE = 1 << 20  # bound on every count and size in a config: far above any WavLM, far below a memory bomb
 MAX_CONV_LAYERS = 64
@@ -109,7 +111,7 @@ class WavLMConfig:
                 raise ConfigError(f"unsupported config: {key}: {why}")
 
         need(self.extractor_mode in ("default", "layer_norm"), "extractor_mode",
-             f"{self.extractor_mode!r} is not 'default' (group norm) or 'layer_norm'")
+             f"{shown(self.extractor_mode)} is not 'default' (group norm) or 'layer_norm'")
         need(len(self.conv_layers) > 0, "conv_feature_layers", "the CNN needs at least one layer")
         need(all(len(c) == 3 and min(c) > 0 for c in self.conv_layers), "conv_feature_layers",
              "every layer must be a positive (dim, kernel, stride) triple")
@@ -134,7 +136,7 @@ class WavLMConfig:
             raise ConfigError(f"checkpoint 'cfg' must be a dict, got {type(cfg).__name__}")
         c = {**_UNILM_DEFAULTS, **cfg}
         if c["extractor_mode"] not in ("default", "layer_norm"):
-            raise ConfigError(f"unsupported config: extractor_mode={c['extractor_mode']!r}: expected 'default' "
+            raise ConfigError(f"unsupported config: extractor_mode={shown(c['extractor_mode'])}: expected 'default' "
                               "(group norm) or 'layer_norm'")
         if not c["relative_position_embedding"]:
             raise ConfigError("unsupported config: relative_position_embedding=False: every WavLM checkpoint "
@@ -143,9 +145,10 @@ class WavLMConfig:
             raise ConfigError("unsupported config: gru_rel_pos=False: the engine implements WavLM's gated "
                               "relative position bias only")
         if c["activation_fn"] != "gelu":
-            raise ConfigError(f"unsupported config: activation_fn={c['activation_fn']!r}: only 'gelu' is implemented")
+            raise ConfigError(f"unsupported config: activation_fn={shown(c['activation_fn'])}: "
+                              "only 'gelu' is implemented")
         layers = c["conv_feature_layers"]
-        conv_layers = parse_conv_layers(layers) if isinstance(layers, str) else _conv_triples(layers, repr(layers))
+        conv_layers = parse_conv_layers(layers) if isinstance(layers, str) else _conv_triples(layers, shown(layers))
         known = set(_UNILM_DEFAULTS)
         return cls(
             extractor_mode=c["extractor_mode"],
@@ -204,10 +207,10 @@ class WavLMConfig:
         c = {**_HF_DEFAULTS, **config}
         norm = c["feat_extract_norm"]
         if norm not in ("group", "layer"):
-            raise ConfigError(f"unsupported config: feat_extract_norm={norm!r}: expected 'group' or 'layer'")
+            raise ConfigError(f"unsupported config: feat_extract_norm={shown(norm)}: expected 'group' or 'layer'")
         for key in ("hidden_act", "feat_extract_activation"):
             if c[key] != "gelu":
-                raise ConfigError(f"unsupported config: {key}={c[key]!r}: only 'gelu' is implemented")
+                raise ConfigError(f"unsupported config: {key}={shown(c[key])}: only 'gelu' is implemented")
         dims, kernels, strides = _ints(c, "conv_dim"), _ints(c, "conv_kernel"), _ints(c, "conv_stride")
         if not (len(dims) == len(kernels) == len(strides)):
             raise ConfigError("unsupported config: conv_dim, conv_kernel and conv_stride differ in length")
@@ -215,13 +218,13 @@ class WavLMConfig:
                      else norm == "layer")
         archs = c.get("architectures") or []
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise ConfigError(f"unsupported config: architectures={archs!r}: expected a list of class names")
+            raise ConfigError(f"unsupported config: architectures={shown(archs)}: expected a list of class names")
         xvector = None
         if any("XVector" in a for a in archs):
             tdnn = _ints(c, "tdnn_dim")
             id2label = c.get("id2label") or {}
             if not isinstance(id2label, dict):  # len() of a number was a TypeError (found by test_fuzz.py)
-                raise ConfigError(f"unsupported config: id2label={id2label!r}: expected an object of labels")
+                raise ConfigError(f"unsupported config: id2label={shown(id2label)}: expected an object of labels")
             labels = c.get("num_labels") or len(id2label) or 2
             xvector = XVectorConfig(
                 use_weighted_layer_sum=_bool(c, "use_weighted_layer_sum"),
@@ -323,28 +326,28 @@ def _int(c: dict[str, Any], key: str) -> int:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
-        raise ConfigError(f"unsupported config: {key}={v!r}: expected an integer from 1 to {MAX_SIZE}")
+        raise ConfigError(f"unsupported config: {key}={shown(v)}: expected an integer from 1 to {MAX_SIZE}")
     return v
 
 
 def _ints(c: dict[str, Any], key: str) -> tuple[int, ...]:
     v = c[key]
     if not isinstance(v, (list, tuple)) or not 0 < len(v) <= MAX_CONV_LAYERS:
-        raise ConfigError(f"unsupported config: {key}={v!r}: expected a list of 1 to {MAX_CONV_LAYERS} integers")
+        raise ConfigError(f"unsupported config: {key}={shown(v)}: expected a list of 1 to {MAX_CONV_LAYERS} integers")
     return tuple(_int({key: x}, key) for x in v)
 
 
 def _bool(c: dict[str, Any], key: str) -> bool:
     v = c[key]
     if v not in (True, False) or not isinstance(v, (bool, int)):  # 0 and 1 as some configs write them
-        raise ConfigError(f"unsupported config: {key}={v!r}: expected true or false")
+        raise ConfigError(f"unsupported config: {key}={shown(v)}: expected true or false")
     return bool(v)
 
 
 def _positive_float(c: dict[str, Any], key: str) -> float:
     v = c[key]
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-        raise ConfigError(f"unsupported config: {key}={v!r}: expected a positive number")
+        raise ConfigError(f"unsupported config: {key}={shown(v)}: expected a positive number")
     return float(v)
 
 
@@ -390,22 +393,22 @@ def parse_conv_layers(spec: str) -> tuple[ConvSpec, ...]:
             length = sum(len(x) if isinstance(x, (list, tuple)) else 0 for x in (left, right))
             count = max(x if isinstance(x, int) else 1 for x in (left, right))
             if length * count > 3 * MAX_CONV_LAYERS:
-                raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r} is too long; at most "
+                raise ConfigError(f"unsupported config: conv_feature_layers={shown(spec)} is too long; at most "
                                   f"{MAX_CONV_LAYERS} layers are accepted")
             try:
                 return _BINOPS[type(node.op)](left, right)
             except TypeError:  # a list plus a number, a tuple times a tuple
-                raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r} mixes lists and "
+                raise ConfigError(f"unsupported config: conv_feature_layers={shown(spec)} mixes lists and "
                                   "numbers") from None
-        raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r}: only list/tuple literals with + "
+        raise ConfigError(f"unsupported config: conv_feature_layers={shown(spec)}: only list/tuple literals with + "
                           "and * are accepted")
 
     try:
         value = ev(ast.parse(spec, mode="eval"))
     except (SyntaxError, RecursionError, MemoryError) as e:  # the last two: nesting too deep for the parser
-        raise ConfigError(f"unsupported config: conv_feature_layers={spec[:80]!r} does not parse: "
+        raise ConfigError(f"unsupported config: conv_feature_layers={shown(spec)} does not parse: "
                           f"{type(e).__name__}") from None
-    return _conv_triples(value, repr(spec[:80]))
+    return _conv_triples(value, shown(spec))
 
 
 # unilm WavLMConfig defaults (only the keys that shape inference)

@@ -80,12 +80,16 @@ def fuzz(name: str, profile: str, target: Any) -> None:
     print(f"\nfuzz {name}: {calls[0]} cases in {time.perf_counter() - t0:.1f} s")
 
 
+MAX_REFUSAL = 2000  # characters: a refusal says what is wrong; it never repeats a large input whole
+
+
 def outcome(parse: Callable[[], Any], allowed: type[BaseException] | tuple[type[BaseException], ...]) -> Any:
     """``parse()``'s result, None if it raised an allowed error; anything else fails the test."""
     try:
         return parse()
     except allowed as e:
         assert str(e), "a refusal must say what is wrong"
+        assert len(str(e)) <= MAX_REFUSAL, f"a refusal quotes {len(str(e))} characters (the input, uncut?)"
         return None
 
 
@@ -143,6 +147,8 @@ hello_messages = st.one_of(
 @example('{"stream_id": "a", "sample_rate": ' + "9" * 5000 + "}")  # int beyond Python's 4300-digit limit
 @example("[" * 100_000 + "]" * 100_000)  # nesting beyond the JSON decoder's recursion limit
 @example('{"stream_id": "m", "sample_rate": 16000, "format": [], "channels": 1}')  # TypeError: unhashable
+@example(json.dumps({"stream_id": "x" * 1_000_000, "sample_rate": 16000, "format": "s16le", "channels": 1}))
+@example(json.dumps({"type": "x" * 1_000_000}))  # refusals used to quote these whole (a 2.7 MB error reply)
 def check_hello(message: str | bytes) -> None:
     hello = outcome(lambda: parse_hello(message), Refusal)
     if hello is not None:

@@ -48,6 +48,7 @@ from streamwavlm.audio.source import (
     RefuseCallback,
 )
 from streamwavlm.audio.validate import PCM_FORMATS, SAMPLE_RATE, AudioError, decode_pcm, mixdown
+from streamwavlm.quoting import shown
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def parse_hello(message: str | bytes) -> Hello:
     if not isinstance(hello, dict):
         raise Refusal("invalid_hello", f"the hello must be a JSON object like {HELLO_EXAMPLE}", CLOSE_POLICY)
     if hello.get("type", "hello") != "hello":
-        raise Refusal("invalid_hello", f"the first message must be the hello, got type {hello['type']!r}",
+        raise Refusal("invalid_hello", f"the first message must be the hello, got type {shown(hello['type'])}",
                       CLOSE_POLICY)
     missing = [k for k in ("stream_id", "sample_rate", "format", "channels") if k not in hello]
     if missing:
@@ -108,21 +109,21 @@ def parse_hello(message: str | bytes) -> Hello:
     stream_id, rate = hello["stream_id"], hello["sample_rate"]
     fmt, channels = hello["format"], hello["channels"]
     if not isinstance(stream_id, str) or not STREAM_ID.fullmatch(stream_id):
-        raise Refusal("invalid_hello", f"stream_id {stream_id!r} must be 1-128 characters of letters, digits "
+        raise Refusal("invalid_hello", f"stream_id {shown(stream_id)} must be 1-128 characters of letters, digits "
                       "and _ . : -", CLOSE_POLICY)
     if not _is_int(rate) or rate not in SUPPORTED_RATES:
-        raise Refusal("unsupported_rate", f"sample_rate {rate!r} is not supported; use one of "
+        raise Refusal("unsupported_rate", f"sample_rate {shown(rate)} is not supported; use one of "
                       f"{', '.join(map(str, SUPPORTED_RATES))} Hz (the server resamples to 16000)",
                       CLOSE_UNSUPPORTED)
     if not isinstance(fmt, str) or fmt not in PCM_FORMATS:  # a list is unhashable (found by test_fuzz.py)
-        raise Refusal("unsupported_format", f"format {fmt!r} is not supported; use \"s16le\" (16-bit signed "
+        raise Refusal("unsupported_format", f"format {shown(fmt)} is not supported; use \"s16le\" (16-bit signed "
                       "little-endian) or \"f32le\" (32-bit float little-endian)", CLOSE_UNSUPPORTED)
     if not _is_int(channels) or not 1 <= channels <= MAX_CHANNELS:
-        raise Refusal("unsupported_channels", f"channels {channels!r} is not supported; send 1 to "
+        raise Refusal("unsupported_channels", f"channels {shown(channels)} is not supported; send 1 to "
                       f"{MAX_CHANNELS} interleaved channels (they are mixed down to mono)", CLOSE_UNSUPPORTED)
     live = hello.get("live", False)
     if not isinstance(live, bool):
-        raise Refusal("invalid_hello", f"live {live!r} must be true (a real-time sender: the server drops the "
+        raise Refusal("invalid_hello", f"live {shown(live)} must be true (a real-time sender: the server drops the "
                       "oldest audio when it falls behind) or false (the default: it slows the sender down)",
                       CLOSE_POLICY)
     token = hello.get("token")
