@@ -49,6 +49,7 @@ from streamwavlm.audio.resample import Resampler
 from streamwavlm.audio.source import STREAM_ID, SUPPORTED_RATES, AudioChunk, QueuedSource
 from streamwavlm.audio.validate import SAMPLE_RATE, AudioError, check_samples, decode_pcm, mixdown
 from streamwavlm.mqtt.connection import Connection, Protocol, TLSOptions
+from streamwavlm.quoting import shown
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ class MqttAudioInput:
         """Take one message of the stream (as if it had just arrived): the input's own loop calls it, and a
         caller replays with it the messages it kept for a stream it now attaches (:meth:`attach`)."""
         if not STREAM_ID.fullmatch(stream_id):
-            log.warning("ignored MQTT audio on invalid stream id %r", stream_id)
+            log.warning("ignored MQTT audio on invalid stream id %s", shown(stream_id))
             return
         if payload and stream_id in self._ignored:  # refused or closed here: until its sender ends it
             return
