@@ -222,3 +222,69 @@ def test_a_diarizer_behind_never_blocks_the_loop(live):
         assert session.skipped["s"] == pytest.approx((40 - 4) * chunk / 16000)
     else:
         assert waited and not session.skipped  # the file source waited for room; nothing skipped
+
+
+def _voices(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Voice means in 16 dimensions: one large shared part (as resemblyzer's all-positive embeddings have)
+    plus a small part of their own along dimensions 0-7."""
+    return 3.0 * np.ones(16) / 4 + 0.5 * np.pad(rng.standard_normal((count, 8)), ((0, 0), (0, 8)))
+
+
+def _windows(rng: np.random.Generator, voice: np.ndarray, n: int) -> np.ndarray:
+    """``n`` unit windows of a voice: what is said moves them a lot along dimensions 8-15, little along 0-7."""
+    noise = np.concatenate([0.05 * rng.standard_normal((n, 8)), 1.0 * rng.standard_normal((n, 8))], axis=1)
+    x = voice + noise
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_a_background_separates_voices_that_raw_cosines_merge():
+    """Two voices whose difference is small next to what speech moves: raw cosines merge them (or split
+    one); projected by a background learnt from 40 other voices with the same structure, they separate."""
+    from streamwavlm.diarization.background import CLUSTER, learn
+    from streamwavlm.diarization.rttm import Segment
+
+    rng = np.random.default_rng(3)
+    others = _voices(rng, 40)
+    background = learn(np.concatenate([_windows(rng, v, 30) for v in others]), np.repeat(np.arange(40), 30),
+                       "synthetic", dims=8)
+    a, b = _voices(rng, 2)
+    frame, turn, pause = 0.032, 4.0, 0.48
+    speech, reference, windows, t = [], [], [], 0.0
+    for k in range(16):  # A B A B ..., 4 s turns, 0.48 s pauses
+        voice, name = (a, "A") if k % 2 == 0 else (b, "B")
+        reference.append(Segment(t, t + turn, name))
+        starts = np.arange(t, t + turn - 1.6 + 1e-9, 0.5)
+        windows += [Window(s, s + 1.6, v) for s, v in zip(starts, _windows(rng, voice, len(starts)), strict=True)]
+        speech += [True] * round(turn / frame) + [False] * round(pause / frame)
+        t += turn + pause
+
+    def der(settings: ClusterSettings, bg: object) -> float:
+        d = Diarizer(OnlineClustering(settings), latency=2.0, frame=frame, background=bg)  # type: ignore[arg-type]
+        d.add_speech(np.array(speech))
+        for w in windows:
+            d.add_window(Window(w.start, w.end, w.vector))
+            d.advance(w.end)
+        d.finish()
+        return score(reference, d.segments()).der
+
+    raw = min(der(ClusterSettings().with_threshold(th), None) for th in (0.8, 0.9, 0.93, 0.96))
+    projected = der(CLUSTER, background)
+    assert raw > 0.2 and projected < 0.05, (raw, projected)
+
+
+def test_a_session_projects_enrolled_speakers_with_its_background():
+    """Profiles keep raw centroids; with a background the clustering compares them projected."""
+    from streamwavlm.diarization.background import learn
+    from streamwavlm.diarization.clustering import Speaker
+    from streamwavlm.diarization.pipeline import Session
+
+    rng = np.random.default_rng(4)
+    background = learn(np.concatenate([_windows(rng, v, 10) for v in _voices(rng, 12)]),
+                       np.repeat(np.arange(12), 10), "synthetic", dims=4)
+    centroid = _windows(rng, _voices(rng, 1)[0], 1)[0]
+    session = Session(backend="wavlm", vad="energy", enrolled=[Speaker("ann", centroid, 20, True)],
+                      background=background)
+    known = session.stream("s").diarizer.clustering.speakers
+    assert [s.name for s in known] == ["ann"] and known[0].enrolled
+    np.testing.assert_allclose(known[0].centroid, background.apply(centroid))
+    assert session.stream("s").diarizer.background is background

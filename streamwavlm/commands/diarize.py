@@ -17,6 +17,7 @@ from typing import TextIO
 import torch
 
 from ..checkpoint import model_from_setting
+from ..diarization import background
 from ..diarization.clustering import ClusterSettings
 from ..diarization.embedders import RESEMBLYZER, window_from_message
 from ..diarization.events import SpeakerPublisher
@@ -63,6 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds a label may still be revised before it is final (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,
                    help="cosine below which a window is a new speaker (default: the backend's tuned value)")
+    p.add_argument("--background", metavar="FILE",
+                   help="a background model (from `streamwavlm background`, learnt on other speakers' speech): "
+                        "compares voices along the directions that tell speakers apart (docs/diarization.md)")
     p.add_argument("--max-speakers", type=int, default=20)
     p.add_argument("--rttm", metavar="FILE", help="write the final turns as RTTM")
     p.add_argument("--png", metavar="FILE", help="write a timeline plot (one file per stream: FILE-<stream>.png)")
@@ -79,8 +83,10 @@ THRESHOLDS = {"resemblyzer": ClusterSettings().new_threshold, "wavlm": 0.86}
 
 
 def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
-    new = args.threshold if args.threshold is not None else THRESHOLDS[args.backend]
-    return dataclasses.replace(ClusterSettings().with_threshold(new), max_speakers=args.max_speakers)
+    """The clustering's settings: those tuned for the backend, or for a background's projected windows."""
+    base = background.CLUSTER if args.background else ClusterSettings().with_threshold(THRESHOLDS[args.backend])
+    new = args.threshold if args.threshold is not None else base.new_threshold
+    return dataclasses.replace(base.with_threshold(new), max_speakers=args.max_speakers)
 
 
 def backend_id(args: argparse.Namespace) -> str:
@@ -127,12 +133,14 @@ async def diarize(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if args.latency < 0:
         raise ValueError(f"--latency must be >= 0 seconds, got {args.latency}")
     enrolled = load_profiles(args.profiles, backend_id(args)) if args.profiles else []
+    projection = background.load_background(args.background, backend_id(args)) if args.background else None
     # read before the run: a bad reference is refused at once, not after it
     reference = read_rttm(args.reference) if args.reference else {}
     xs = xvector_settings(args)
     vad = None if args.subscribe or args.vad == "none" else args.vad
     session = Session(backend=args.backend, latency=args.latency, vad=vad,
-                      cluster=cluster_settings(args), enrolled=enrolled, xvector_window=xs.window)
+                      cluster=cluster_settings(args), enrolled=enrolled, background=projection,
+                      xvector_window=xs.window)
     session.handlers.append(Printer(out, args.quiet))
     if enrolled:
         print(f"enrolled speakers: {', '.join(s.name for s in enrolled)}", file=out)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .background import Background
 from .clustering import NEW, Assignment, OnlineClustering
 from .rttm import Segment
 from .turns import FrameLabel, Turn, TurnEvent, TurnTracker, runs
@@ -64,12 +65,13 @@ class Diarizer:
     to the stream time reached; ``finish`` at the end of the stream. ``turns`` holds the final turns."""
 
     def __init__(self, clustering: OnlineClustering, *, latency: float = 2.0, frame: float = 0.032,
-                 min_speech: float = 0.4) -> None:
+                 min_speech: float = 0.4, background: Background | None = None) -> None:
         if latency < 0:
             raise ValueError(f"latency must be >= 0 seconds, got {latency}")
         if frame <= 0:
             raise ValueError(f"frame must be > 0 seconds, got {frame}")
         self.clustering = clustering
+        self.background = background  # projects every window (``background.py``) before it is clustered
         self.latency = latency
         self.frame = frame
         self.min_speech = min_speech
@@ -142,7 +144,8 @@ class Diarizer:
     def _add(self, window: Window, purity: float) -> None:
         if window.speech >= self.min_speech and window.segment >= self._learnt:
             stretch = self._stretches.setdefault(window.segment, _Stretch())
-            stretch.add(window.vector, purity >= self.clustering.settings.purity)
+            vector = self.background.apply(window.vector) if self.background is not None else window.vector
+            stretch.add(vector, purity >= self.clustering.settings.purity)
 
     # ------------------------------------------------------------------ labels
     def _decide(self, run: int, final: bool) -> FrameLabel:

@@ -33,6 +33,7 @@ import numpy as np
 from ..audio.source import AudioChunk, AudioSource, SourceStats
 from ..audio.validate import SAMPLE_RATE
 from ..engine import EngineOutput
+from .background import Background
 from .clustering import ClusterSettings, OnlineClustering, Speaker
 from .diarizer import Diarizer
 from .embedders import ResemblyzerEmbedder, windows_from_output
@@ -139,12 +140,13 @@ class StreamDiarization:
     """One stream: speech detector, optional audio embedder, clustering and diarizer."""
 
     def __init__(self, stream_id: str, clustering: OnlineClustering, *, latency: float, vad: VadKind | None,
-                 embedder: ResemblyzerEmbedder | None, block: float = BLOCK) -> None:
+                 embedder: ResemblyzerEmbedder | None, block: float = BLOCK,
+                 background: Background | None = None) -> None:
         self.stream_id = stream_id
         self.vad = make_vad(vad) if vad else None
         self.embedder = embedder
         self.diarizer = Diarizer(clustering, latency=latency, frame=FRAME_SECONDS,
-                                 min_speech=clustering.settings.min_speech)
+                                 min_speech=clustering.settings.min_speech, background=background)
         self.block = int(block * SAMPLE_RATE)
         self._pending: list[np.ndarray] = []
         self._pending_samples = 0
@@ -221,6 +223,7 @@ class Session:
     vad: VadKind | None = "auto"
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     enrolled: Sequence[Speaker] = ()
+    background: Background | None = None  # projects windows and enrolled centroids (``background.py``)
     window: float = 1.6
     hop: float = 0.5
     xvector_window: int = 150
@@ -234,6 +237,7 @@ class Session:
     skipped: dict[str, float] = field(default_factory=dict)  # seconds of live audio not analysed, per stream
     _active: set[str] = field(default_factory=set)  # streams fed and not closed, as the event loop sees them
     _behind: dict[str, int] = field(default_factory=dict)  # samples skipped and not yet told to the stream
+    _enrolled: list[Speaker] = field(default_factory=list)  # ``enrolled`` as the clustering compares them
 
     def __post_init__(self) -> None:
         if self.backend not in ("resemblyzer", "wavlm"):
@@ -244,13 +248,18 @@ class Session:
             make_vad(self.vad)
         if self.backend == "resemblyzer":
             ResemblyzerEmbedder(self.window, self.hop)
+        # profiles keep raw centroids (the mean direction of their windows); projected, they stand where
+        # their windows' projections would (to the mean's first order)
+        bg = self.background
+        self._enrolled = [Speaker(s.name, bg.apply(s.centroid), s.count, True) for s in self.enrolled] if bg else \
+            list(self.enrolled)
 
     def stream(self, stream_id: str) -> StreamDiarization:
         if stream_id not in self.streams:
             embedder = ResemblyzerEmbedder(self.window, self.hop) if self.backend == "resemblyzer" else None
             self.streams[stream_id] = StreamDiarization(
-                stream_id, OnlineClustering(self.cluster, self.enrolled), latency=self.latency, vad=self.vad,
-                embedder=embedder)
+                stream_id, OnlineClustering(self.cluster, self._enrolled), latency=self.latency, vad=self.vad,
+                embedder=embedder, background=self.background)
         return self.streams[stream_id]
 
     def emit(self, stream_id: str, events: list[TurnEvent]) -> None:
