@@ -43,6 +43,26 @@ def synthesize(text: str, voice: tuple[str, int, int]) -> np.ndarray:
     return np.frombuffer(raw, np.int16).astype(np.float32) / 32768
 
 
+def other_voices(rng: np.random.Generator, per_variant: int = 2) -> list[tuple[str, int, int]]:
+    """Voices that no conversation uses: every English variant espeak-ng has but those of ``VOICES`` and
+    the whispers, ``per_variant`` times with a random pitch and speed (a background model's speakers)."""
+    listing = subprocess.run(["espeak-ng", "--voices=variant"], capture_output=True, text=True, check=True).stdout
+    used = {v.split("+")[1] for v, _, _ in VOICES} | {"whisper", "whisperf", "fast"}
+    variants = sorted({line.split()[4].split("/")[-1] for line in listing.splitlines()[1:]} - used)
+    return [(f"en+{v}", int(rng.integers(25, 86)), int(rng.integers(135, 186)))
+            for v in variants for _ in range(per_variant)]
+
+
+def monologue(rng: np.random.Generator, voice: tuple[str, int, int], seconds: float) -> np.ndarray:
+    """About ``seconds`` of ``voice`` saying random sentences, with short pauses between them."""
+    pieces: list[np.ndarray] = []
+    while sum(map(len, pieces)) < seconds * 16000:
+        audio = synthesize(" ".join(rng.choice(WORDS, size=int(rng.integers(3, 26)))), voice)
+        a, b = _voiced_extent(audio)
+        pieces += [audio[a:b], np.zeros(int(rng.uniform(0.15, 0.6) * 16000), np.float32)]
+    return np.concatenate(pieces)
+
+
 def _voiced_extent(audio: np.ndarray, floor_db: float = -45.0) -> tuple[int, int]:
     """First and last sample of 10 ms blocks louder than ``floor_db``."""
     blocks = len(audio) // 160
