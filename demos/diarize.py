@@ -1,6 +1,7 @@
 """Live speaker turns in the terminal, then the RTTM and a timeline PNG.
 
     python demos/diarize.py [--input FILE|mic] [--out DIR] [--realtime] [--latency S] [--profiles FILE]
+                            [--background FILE]
 
 Without ``--input`` it synthesises a three-voice conversation with espeak-ng (and writes its reference
 RTTM, so the plot shows the truth above the hypothesis and the DER is printed). Runs headless.
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realtime", action="store_true", help="play files in real time")
     p.add_argument("--latency", type=float, default=2.0)
     p.add_argument("--profiles", help="enrolled speakers (streamwavlm enroll)")
+    p.add_argument("--background", help="a background model (streamwavlm background) learnt on other speakers")
     p.add_argument("--checkpoint", help="WavLM checkpoint for the engine (default: random Base+-shaped weights)")
     p.add_argument("--seconds", type=float, help="stop after this many seconds (microphone)")
     args = p.parse_args(argv)
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     rttm, png = out / "hypothesis.rttm", out / "timeline.png"
     argv = ["diarize", "--input", source, "--latency", str(args.latency), "--rttm", str(rttm), "--png", str(png)]
     argv += ["--realtime"] * args.realtime + ["--profiles", args.profiles] * bool(args.profiles)
+    argv += ["--background", args.background] * bool(args.background)
     argv += ["--checkpoint", args.checkpoint] * bool(args.checkpoint)
     argv += ["--reference", str(reference)] * bool(reference) + ["--seconds", str(args.seconds)] * bool(args.seconds)
     code = cli(argv)
