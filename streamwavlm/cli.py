@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "streamwavlm.commands.listen",
     "streamwavlm.commands.diarize",
     "streamwavlm.commands.enroll",
+    "streamwavlm.commands.background",
     "streamwavlm.commands.der",
     "streamwavlm.download",
 )

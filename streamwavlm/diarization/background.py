@@ -125,7 +125,8 @@ def load_background(path: str | Path, embedder: str | None = None) -> Background
     if (mean is None or projection is None or mean.ndim != 1 or projection.ndim != 2
             or projection.shape[0] != len(mean) or not 0 < projection.shape[1] <= len(mean)
             or not (np.isfinite(mean).all() and np.isfinite(projection).all())):
-        raise BackgroundError(f"{path}: damaged background (needs a finite mean (D,) and projection (D, K))")
+        raise BackgroundError(f"{path}: damaged background (needs a finite mean (D,) and projection (D, K)); make "
+                              "it again with `streamwavlm background`")
     found = meta.get("embedder", "")
     if embedder is not None and found != embedder:
         raise BackgroundError(f"{path}: learnt on {found!r:.60} embeddings, but this run uses {embedder!r}: "
@@ -133,5 +134,6 @@ def load_background(path: str | Path, embedder: str | None = None) -> Background
     try:
         speakers, windows = int(meta.get("speakers", "0")), int(meta.get("windows", "0"))
     except ValueError:
-        raise BackgroundError(f"{path}: damaged background metadata") from None
+        raise BackgroundError(f"{path}: damaged background metadata; make it again with `streamwavlm background`") \
+            from None
     return Background(mean.astype(np.float32), projection.astype(np.float32), found, speakers, windows)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,9 @@ def _mel(audio: Any) -> Any:
 def _voice_encoder(dtype: str = "float32") -> Any:  # resemblyzer is untyped
     """resemblyzer's encoder in ``dtype`` (one copy per dtype, shared by every stream: it has no state)."""
     try:
-        from resemblyzer import VoiceEncoder
+        with warnings.catch_warnings():  # its webrtcvad imports pkg_resources: two lines of warning per command
+            warnings.filterwarnings("ignore", "pkg_resources is deprecated", UserWarning)
+            from resemblyzer import VoiceEncoder
     except ImportError as e:
         raise ValueError(f"the resemblyzer backend needs resemblyzer ({e}); pip install resemblyzer") from e
     import torch
