@@ -34,7 +34,7 @@ from .stream import _sources, check_input, window_hop
 
 
 def add_diarization_options(p: argparse.ArgumentParser) -> None:
-    """Backend and clustering options shared by ``diarize`` and ``enroll``."""
+    """Backend options shared by ``diarize``, ``enroll`` and ``background`` (the windows they compare)."""
     g = p.add_argument_group("diarization")
     g.add_argument("--backend", choices=("resemblyzer", "wavlm"), default="resemblyzer",
                    help="speaker embeddings: resemblyzer (pretrained, bundled) or the WavLM checkpoint's "
@@ -44,7 +44,6 @@ def add_diarization_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vad", choices=("auto", "silero", "energy", "none"), default="auto",
                    help="speech activity detector (default: silero-vad when installed, else energy; none: every "
                         "window counts as speech)")
-    g.add_argument("--profiles", metavar="FILE", help="enrolled speakers (JSON, from `streamwavlm enroll`)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_option(p)
     add_stream_options(p)
     add_diarization_options(p)
+    p.add_argument("--profiles", metavar="FILE", help="enrolled speakers (JSON, from `streamwavlm enroll`)")
     p.add_argument("--input", metavar="SOURCE", help="FILE, mic[:DEVICE], ws://HOST:PORT or mqtt://HOST:PORT "
                    "(audio through the engine in-process; default: the bundled sample)")
     p.add_argument("--subscribe", metavar="URL", help="instead of --input: diarize the 'xvector' topic of an "

@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("audio", help="audio of that speaker alone (any format libsndfile reads; a few seconds or more)")
     add_checkpoint_option(p)
     add_diarization_options(p)
-    p.set_defaults(func=enroll, profiles="speakers.json")
+    p.add_argument("--profiles", metavar="FILE", default="speakers.json",
+                   help="the profile file to add the speaker to (JSON; default: %(default)s)")
+    p.set_defaults(func=enroll)
 
 
 async def _xvector_windows(args: argparse.Namespace) -> list[Window]:
