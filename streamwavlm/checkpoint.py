@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .config import ConfigError, WavLMConfig
 from .model.wavlm import WavLM
+from .permissions import as_umask_allows
 
 ORIGINAL = "original"
 HF = "hf"
@@ -422,6 +423,7 @@ def save_hf(config: WavLMConfig, state: dict[str, Tensor], directory: str | Path
         from safetensors.torch import save_file
 
         save_file(state, str(d / "model.safetensors"))
+        as_umask_allows(d / "model.safetensors")
     else:
         torch.save(state, d / "pytorch_model.bin")
     return d

@@ -294,3 +294,19 @@ def test_speakers_without_speech_are_named_or_refused(speakers_dir, tmp_path, ca
     assert main(["background", str(mixed), "--out", str(tmp_path / "bg")]) == 0
     printed = capsys.readouterr().out
     assert "from 8 speakers" in printed and "left out 1 with too little speech: quiet0" in printed
+
+
+def test_a_background_file_is_readable_as_the_umask_allows(tmp_path):
+    """safetensors creates files as 0600 whatever the umask; ours get 0666 & ~umask like any other file."""
+    import os
+
+    from streamwavlm.diarization.background import learn
+
+    rng = np.random.default_rng(0)
+    bg = learn(rng.standard_normal((40, 6)), np.repeat(np.arange(10), 4), "synthetic", dims=3)
+    old = os.umask(0o022)
+    try:
+        bg.save(tmp_path / "bg.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bg.safetensors").stat().st_mode & 0o777 == 0o644

@@ -24,6 +24,7 @@ from ..audio.files import audio_files
 from ..audio.validate import SAMPLE_RATE, AudioError
 from ..checkpoint import model_from_setting
 from ..embedding import Embedding, check_request, embed_items, file_item, resolve_device
+from ..permissions import as_umask_allows
 from ..progress import Bar
 from .common import _int_list, add_checkpoint_option, add_device_option, add_dtype_option, cpu_dtype
 
@@ -100,6 +101,7 @@ def save(results: list[Embedding], names: list[Path], out: Path, fmt: str, dtype
         index = json.dumps([_entry(e) for e in results])
         if out.suffix == ".safetensors":
             save_file(tensors, str(out), metadata={"index": index})
+            as_umask_allows(out)
         else:
             np.savez(out, index=np.array(index), **tensors)
         return out
@@ -111,6 +113,7 @@ def save(results: list[Embedding], names: list[Path], out: Path, fmt: str, dtype
         if fmt == "safetensors":
             written = [base.with_name(base.name + ".safetensors")]
             save_file(arrays, str(written[0]), metadata={"index": json.dumps(_entry(e))})
+            as_umask_allows(written[0])
         else:
             written = [base.with_name(f"{base.name}{'' if key == 'hidden_states' else '.' + key}.npy")
                        for key in arrays]

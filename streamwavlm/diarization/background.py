@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..permissions import as_umask_allows
 from .clustering import ClusterSettings
 
 FORMAT, VERSION = "streamwavlm-background", 1
@@ -68,6 +69,7 @@ class Background:
                 "speakers": str(self.speakers), "windows": str(self.windows)}
         try:
             save_file({"mean": self.mean, "projection": self.projection}, str(path), metadata=meta)
+            as_umask_allows(path)
         except SafetensorError as e:  # an unwritable path: safetensors' own error is not an OSError
             raise BackgroundError(f"{path}: cannot write the background ({e}); check the path") from None
 
