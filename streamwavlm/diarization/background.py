@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..permissions import as_umask_allows
+from ..quoting import shown
 from .clustering import ClusterSettings
 
 FORMAT, VERSION = "streamwavlm-background", 1
@@ -121,8 +122,8 @@ def load_background(path: str | Path, embedder: str | None = None) -> Background
     except (SafetensorError, OSError, ValueError) as e:
         raise BackgroundError(f"{path}: not a background file ({e}); make one with `streamwavlm background`") from None
     if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
-        raise BackgroundError(f"{path}: not a version {VERSION} background file (format {meta.get('format')!r:.40}, "
-                              f"version {meta.get('version')!r:.20}); make one with `streamwavlm background`")
+        raise BackgroundError(f"{path}: not a version {VERSION} background file (format {shown(meta.get('format'))}, "
+                              f"version {shown(meta.get('version'))}); make one with `streamwavlm background`")
     mean, projection = tensors.get("mean"), tensors.get("projection")
     if (mean is None or projection is None or mean.ndim != 1 or projection.ndim != 2
             or projection.shape[0] != len(mean) or not 0 < projection.shape[1] <= len(mean)
@@ -131,7 +132,7 @@ def load_background(path: str | Path, embedder: str | None = None) -> Background
                               "it again with `streamwavlm background`")
     found = meta.get("embedder", "")
     if embedder is not None and found != embedder:
-        raise BackgroundError(f"{path}: learnt on {found!r:.60} embeddings, but this run uses {embedder!r}: "
+        raise BackgroundError(f"{path}: learnt on {shown(found)} embeddings, but this run uses {embedder!r}: "
                               "use a background learnt with the same backend")
     try:
         speakers, windows = int(meta.get("speakers", "0")), int(meta.get("windows", "0"))
