@@ -31,8 +31,9 @@ FORMAT, VERSION = "streamwavlm-background", 1
 DIMS = 48  # discriminant directions kept
 SHRINKAGE = 1.0  # weight of the identity (scaled to the mean variance) added to the within-speaker covariance
 # clustering settings with a background of DIMS and SHRINKAGE, tuned on the development espeak-ng
-# conversations (docs/benchmarks.md); the cosines of projected windows are on another scale than raw ones
-CLUSTER = ClusterSettings(new_threshold=0.9, spread=1.2)
+# conversations (threshold and spread at 2 s; confirm 2 rather than 3 also on the validation ones:
+# docs/benchmarks.md); the cosines of projected windows are on another scale than raw ones
+CLUSTER = ClusterSettings(new_threshold=0.9, spread=1.2, confirm=2)
 MIN_SPEAKERS = 8
 MIN_WINDOWS = 2  # per speaker: a covariance needs at least two
 
