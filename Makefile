@@ -26,7 +26,8 @@ bench: setup
 	@$(PY) benchmarks/bench_resample.py --out benchmarks/results/resample.md
 
 # online diarization: clustering vs the diart-style baseline, DER per latency on espeak-ng conversations
-# (resemblyzer), cost added to the engine (about 12 minutes; results in docs/benchmarks.md)
+# (resemblyzer, without and with a background model), cost added to the engine (about 25 minutes; results
+# in docs/benchmarks.md)
 eval-diarization: setup
 	@$(PY) benchmarks/bench_diarization.py --out benchmarks/results/diarization.md
 
