@@ -63,7 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency", type=float, default=2.0,
                    help="seconds a label may still be revised before it is final (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="cosine below which a window is a new speaker (default: the backend's tuned value)")
+                   help="cosine below which a window is a new speaker (default: the backend's tuned value; "
+                        "0.9 with --background)")
     p.add_argument("--background", metavar="FILE",
                    help="a background model (from `streamwavlm background`, learnt on other speakers' speech): "
                         "compares voices along the directions that tell speakers apart (docs/diarization.md)")
