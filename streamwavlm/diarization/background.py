@@ -85,14 +85,14 @@ def learn(vectors: np.ndarray, labels: np.ndarray, embedder: str, *, dims: int =
     if x.ndim != 2 or len(x) != len(labels) or not np.isfinite(x).all():
         raise BackgroundError("a background needs finite embeddings (N, D) and one label per embedding")
     _, index, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    kept = counts[index] >= MIN_WINDOWS
-    if (counts >= MIN_WINDOWS).sum() < MIN_SPEAKERS:
+    speakers = np.flatnonzero(counts >= MIN_WINDOWS)  # labels with enough windows; the others are left out
+    if len(speakers) < MIN_SPEAKERS:
         raise BackgroundError(f"a background needs at least {MIN_SPEAKERS} speakers with {MIN_WINDOWS} or more "
-                              f"windows each, got {(counts >= MIN_WINDOWS).sum()}: give it more speakers")
-    x, index = x[kept], index[kept]
-    speakers = np.flatnonzero(counts >= MIN_WINDOWS)
-    means = np.stack([x[index == s].mean(0) for s in speakers])
-    centred = x - means[np.searchsorted(speakers, index)]
+                              f"windows each, got {len(speakers)}: give it more speakers")
+    kept = counts[index] >= MIN_WINDOWS
+    x, index = x[kept], np.searchsorted(speakers, index[kept])
+    means = np.stack([x[index == s].mean(0) for s in range(len(speakers))])
+    centred = x - means[index]
     within = centred.T @ centred / max(len(x) - len(speakers), 1)
     d = x.shape[1]
     within += shrinkage * np.trace(within) / d * np.eye(d)

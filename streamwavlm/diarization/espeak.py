@@ -43,6 +43,11 @@ def synthesize(text: str, voice: tuple[str, int, int]) -> np.ndarray:
     return np.frombuffer(raw, np.int16).astype(np.float32) / 32768
 
 
+def _sentence(rng: np.random.Generator) -> str:
+    """3 to 25 random words."""
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(3, 26))))
+
+
 def other_voices(rng: np.random.Generator, per_variant: int = 2) -> list[tuple[str, int, int]]:
     """Voices that no conversation uses: every English variant espeak-ng has but those of ``VOICES`` and
     the whispers, ``per_variant`` times with a random pitch and speed (a background model's speakers)."""
@@ -57,7 +62,7 @@ def monologue(rng: np.random.Generator, voice: tuple[str, int, int], seconds: fl
     """About ``seconds`` of ``voice`` saying random sentences, with short pauses between them."""
     pieces: list[np.ndarray] = []
     while sum(map(len, pieces)) < seconds * 16000:
-        audio = synthesize(" ".join(rng.choice(WORDS, size=int(rng.integers(3, 26)))), voice)
+        audio = synthesize(_sentence(rng), voice)
         a, b = _voiced_extent(audio)
         pieces += [audio[a:b], np.zeros(int(rng.uniform(0.15, 0.6) * 16000), np.float32)]
     return np.concatenate(pieces)
@@ -88,10 +93,7 @@ def conversation(seed: int, speakers: int, duration: float) -> SpokenConversatio
     t = len(pieces[0])
     while t < duration * 16000:
         name = str(rng.choice([n for n in voices if n != last]))
-        if rng.random() < 0.12:
-            text = str(rng.choice(INTERJECTIONS))
-        else:
-            text = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 26))))
+        text = str(rng.choice(INTERJECTIONS)) if rng.random() < 0.12 else _sentence(rng)
         audio = synthesize(text, voices[name])
         a, b = _voiced_extent(audio)
         if b <= a:

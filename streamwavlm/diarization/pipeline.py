@@ -237,7 +237,6 @@ class Session:
     skipped: dict[str, float] = field(default_factory=dict)  # seconds of live audio not analysed, per stream
     _active: set[str] = field(default_factory=set)  # streams fed and not closed, as the event loop sees them
     _behind: dict[str, int] = field(default_factory=dict)  # samples skipped and not yet told to the stream
-    _enrolled: list[Speaker] = field(default_factory=list)  # ``enrolled`` as the clustering compares them
 
     def __post_init__(self) -> None:
         if self.backend not in ("resemblyzer", "wavlm"):
@@ -248,17 +247,17 @@ class Session:
             make_vad(self.vad)
         if self.backend == "resemblyzer":
             ResemblyzerEmbedder(self.window, self.hop)
-        # profiles keep raw centroids (the mean direction of their windows); projected, they stand where
-        # their windows' projections would (to the mean's first order)
-        bg = self.background
-        self._enrolled = [Speaker(s.name, bg.apply(s.centroid), s.count, True) for s in self.enrolled] if bg else \
-            list(self.enrolled)
 
     def stream(self, stream_id: str) -> StreamDiarization:
         if stream_id not in self.streams:
             embedder = ResemblyzerEmbedder(self.window, self.hop) if self.backend == "resemblyzer" else None
+            # profiles keep raw centroids (the mean direction of their windows); projected, they stand where
+            # their windows' projections would (to the mean's first order)
+            bg = self.background
+            enrolled = [Speaker(s.name, bg.apply(s.centroid), s.count, True) for s in self.enrolled] if bg \
+                else self.enrolled
             self.streams[stream_id] = StreamDiarization(
-                stream_id, OnlineClustering(self.cluster, self._enrolled), latency=self.latency, vad=self.vad,
+                stream_id, OnlineClustering(self.cluster, enrolled), latency=self.latency, vad=self.vad,
                 embedder=embedder, background=self.background)
         return self.streams[stream_id]
 

@@ -193,11 +193,7 @@ class Publisher:
     def publish(self, msg: EmbeddingMessage) -> None:
         """Queue ``msg`` and return at once. Raises WireError for a message the format refuses (NaN, bad
         shape...) and ValueError for a reserved stream id; nothing else is affected by either."""
-        self._check_running()
-        if msg.stream_id.startswith("_"):
-            raise ValueError(f"stream id {msg.stream_id!r}: ids starting with '_' are reserved")
-        if msg.kind == STATUS:
-            raise ValueError("kind 'status' is the JSON status topic; use set_status()")
+        self._check_target(msg.stream_id, msg.kind)
         if msg.epoch == 0:
             msg = dataclasses.replace(msg, epoch=self.epoch)
         if self.payload_format == "json":
@@ -217,12 +213,16 @@ class Publisher:
     def publish_payload(self, stream_id: str, kind: str, payload: bytes) -> None:
         """Queue a payload encoded elsewhere (the diarizer's JSON turn events) on ``<prefix>/<stream_id>/<kind>``
         with the embeddings' outbox, overflow and reconnection; the stream's status is left alone."""
-        self._check_running()
-        if topics.check_level(stream_id, "stream id").startswith("_"):
-            raise ValueError(f"stream id {stream_id!r}: ids starting with '_' are reserved")
-        if topics.check_level(kind, "kind") == STATUS:
-            raise ValueError("kind 'status' is the JSON status topic; use set_status()")
+        self._check_target(topics.check_level(stream_id, "stream id"), topics.check_level(kind, "kind"))
         self._queue_data(stream_id, kind, payload, None)
+
+    def _check_target(self, stream_id: str, kind: str) -> None:
+        """A data message may go out now to ``<prefix>/<stream_id>/<kind>`` (not a reserved id, not status)."""
+        self._check_running()
+        if stream_id.startswith("_"):
+            raise ValueError(f"stream id {stream_id!r}: ids starting with '_' are reserved")
+        if kind == STATUS:
+            raise ValueError("kind 'status' is the JSON status topic; use set_status()")
 
     def _queue_data(self, stream_id: str, kind: str, payload: bytes, properties: Properties | None) -> None:
         if len(self._outbox) - len(self._status_queued) >= self.outbox_size:
