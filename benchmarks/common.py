@@ -29,12 +29,14 @@ def median_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> 
 def cpu_report() -> list[str]:
     """The first lines of every report: CPU model and the vector/matrix features that decide which precision
     paths run natively (ratios are only comparable within one run on one machine)."""
-    from streamwavlm.precision import cpu_flags, cpu_name
+    from streamwavlm.cpu import cpu_flags, cpu_name, isa_cap
 
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
     found = " ".join(f for f in wanted if f in cpu_flags()) or "none of the listed"
-    return [f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags: {found}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads"]
+    cap = isa_cap()
+    return [f"CPU: {cpu_name()}, {os.cpu_count()} cores; flags: {found}"
+            + (f" (oneDNN's ISA capped at {cap}: the flags above it are hidden)" if cap else "")
+            + f"; torch {torch.__version__}, {torch.get_num_threads()} threads"]
 
 
 def _status_kb(field: str) -> int:

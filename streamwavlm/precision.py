@@ -5,16 +5,17 @@ The model's parameters and activations stay fp32; a precision is a derived, pack
 x-vector head all follow the model's setting without knowing about it. ``docs/precision.md`` has the
 semantics and the measured numbers.
 
-Why detection *and* a benchmark: a path the CPU lacks instructions for still runs, emulated, and on an
-AVX2-only CPU bf16 is hundreds of times slower than fp32; so ``auto`` considers only the paths the CPU's
-flags say are native, and then times them on the shapes of a streaming step, because which native path wins
-depends on the core (AMX, VNNI width, memory bandwidth). The result is cached per CPU, thread count and torch
-version, so start-up pays for the benchmark once.
+Why detection *and* a benchmark: a path the CPU lacks instructions for still runs, but emulated (bf16 on
+AVX-512 without BF16: about 2x slower than fp32) or less accurate (int8 without VNNI: 7-bit weights), and on
+an AVX2-only CPU oneDNN cannot run bf16 at all; so ``auto`` considers only the paths that the CPU's flags
+(:mod:`streamwavlm.cpu`, oneDNN's ISA cap included) say are native, and then times them on the shapes of a
+streaming step, because which native path wins depends on the core (AMX, VNNI width, memory bandwidth). The
+result is cached per CPU, its usable flags, thread count and torch version, so start-up pays for the benchmark
+once.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import platform
@@ -28,6 +29,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
+from .cpu import bf16_runs, cpu_flags, cpu_name, isa_cap
 from .model.linear import PRECISIONS, Linear, Precision, pack, packing
 
 Dtype = Literal["float32", "bfloat16", "int8", "auto"]
@@ -42,6 +44,13 @@ NATIVE_FLAGS: dict[Precision, tuple[str, ...]] = {
 }
 # a faster path must beat fp32 by this factor in the start-up benchmark to be chosen (noise margin)
 MIN_GAIN = 1.1
+# what a forced path that is not native costs; measured under oneDNN's ISA caps (docs/precision.md)
+NOT_NATIVE: dict[Precision, str] = {
+    "bfloat16": "oneDNN emulates it by conversion, measured 2.1-2.4x slower than float32 on AVX-512 without BF16. "
+                "Use --dtype auto or float32.",
+    "int8": "without VNNI its 16-bit pair sums would saturate, so weights take 7 bits: less accurate, and measured "
+            "no faster than float32 for one stream. Use --dtype auto or float32.",
+}
 # the benchmark's shapes: one C=16 streaming step of a Base linear, and a batch of streams / offline rows
 BENCH_ROWS = (16, 256)
 BENCH_IN, BENCH_OUT = 768, 3072
@@ -66,32 +75,8 @@ class Choice:
         return f"{self.precision} ({self.source}: {self.reason}{'; benchmark ' + timing if timing else ''})"
 
 
-@functools.cache
-def _cpuinfo() -> tuple[str, ...]:
-    """The lines of ``/proc/cpuinfo``, read once (none where it does not exist)."""
-    try:
-        return tuple(Path("/proc/cpuinfo").read_text().splitlines())
-    except OSError:
-        return ()
-
-
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where that does not exist)."""
-    for line in _cpuinfo():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def cpu_name() -> str:
-    for line in _cpuinfo():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def missing(precision: Precision, flags: frozenset[str] | None = None) -> str | None:
-    """Why ``precision`` would be emulated on this CPU, or ``None`` if it runs natively."""
+    """Why ``precision`` is not native on this CPU, or ``None`` if it is."""
     if precision == "float32":
         return None
     if not torch.backends.mkldnn.is_available():
@@ -101,7 +86,8 @@ def missing(precision: Precision, flags: frozenset[str] | None = None) -> str | 
     flags = cpu_flags() if flags is None else flags
     wanted = NATIVE_FLAGS[precision]
     if not flags & set(wanted):
-        return f"the CPU has none of {', '.join(wanted)}"
+        cap = isa_cap()
+        return f"the CPU has none of {', '.join(wanted)}" + (f" under oneDNN's ISA cap {cap}" if cap else "")
     return None
 
 
@@ -196,9 +182,18 @@ def choose_auto(use_cache: bool = True) -> Choice:
     return choice
 
 
+def _check_runs(precision: Precision) -> None:
+    """Raise :class:`PrecisionError` where oneDNN cannot run ``precision`` at all (bf16 on an AVX2-only CPU,
+    where torch's oneDNN calls would fail deep inside with a RuntimeError)."""
+    if precision == "bfloat16" and not bf16_runs(cpu_flags()):
+        raise PrecisionError(f"dtype bfloat16 cannot run on this CPU ({missing(precision)}; oneDNN's bf16 needs "
+                             "AVX-512 BW/VL/DQ or AVX-NE-CONVERT). Use --dtype auto or float32.")
+
+
 def resolve(dtype: str, allow_emulated: bool = True) -> Choice:
-    """The :class:`Choice` for a user's ``dtype``. A forced path the CPU would emulate raises
-    :class:`PrecisionError` unless ``allow_emulated``, in which case it warns (it may be 100x slower)."""
+    """The :class:`Choice` for a user's ``dtype``. A forced path that is not native raises
+    :class:`PrecisionError` unless ``allow_emulated``, in which case it warns (:data:`NOT_NATIVE` says what it
+    costs); one that cannot run here at all always raises."""
     if dtype not in DTYPES:
         raise PrecisionError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if dtype == "auto":
@@ -207,12 +202,12 @@ def resolve(dtype: str, allow_emulated: bool = True) -> Choice:
     why = missing(precision)
     if why is None:
         return Choice(precision, "requested; the CPU runs it natively", "forced")
-    message = (f"dtype {dtype} is not native on this CPU ({why}); it would run emulated, possibly hundreds "
-               "of times slower than float32. Use --dtype auto or float32.")
+    _check_runs(precision)
+    message = f"dtype {dtype} is not native on this CPU ({why}); " + NOT_NATIVE[precision]
     if not allow_emulated:
         raise PrecisionError(message)
-    warnings.warn(f"EMULATED PRECISION: {message}", RuntimeWarning, stacklevel=3)
-    return Choice(precision, f"forced although emulated ({why})", "forced")
+    warnings.warn(f"PRECISION NOT NATIVE: {message}", RuntimeWarning, stacklevel=3)
+    return Choice(precision, f"forced although not native ({why})", "forced")
 
 
 def conv_precision(precision: Precision) -> Precision:
@@ -232,6 +227,7 @@ def conv_precision(precision: Precision) -> Precision:
 
 def apply(model: nn.Module, precision: Precision) -> None:
     """Re-derive every packed copy of ``model`` (a :class:`~streamwavlm.model.wavlm.WavLM`) for ``precision``."""
+    _check_runs(precision)
     with packing(precision):
         for layer in model.encoder.layers:  # type: ignore[union-attr]
             layer.attn.fuse()

@@ -128,6 +128,7 @@ def test_int8_rows_are_independent():
 # ---------------------------------------------------------------------------------------------- the choice
 AVX2_ONLY = frozenset({"avx", "avx2", "fma"})
 VNNI_BF16 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
+SKYLAKE_SP = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq"})
 
 
 @pytest.fixture
@@ -168,12 +169,20 @@ def test_auto_keeps_fp32_when_nothing_is_clearly_faster(cpu, monkeypatch):
     assert choose_auto(use_cache=False).precision == "float32"
 
 
-def test_forcing_an_emulated_path(cpu):
+def test_forcing_a_path_that_is_not_native(cpu):
+    """int8 without VNNI and bf16 on AVX-512 without BF16 run when forced through the API, with a warning
+    that says what they cost; bf16 on an AVX2-only CPU cannot run at all and is refused."""
     cpu(AVX2_ONLY)
-    with pytest.warns(RuntimeWarning, match="EMULATED"):
-        assert resolve("bfloat16").precision == "bfloat16"
+    with pytest.warns(RuntimeWarning, match=r"PRECISION NOT NATIVE.*7 bits"):
+        assert resolve("int8").precision == "int8"
     with pytest.raises(PrecisionError, match="not native"):
         resolve("int8", allow_emulated=False)
+    for allow in (True, False):
+        with pytest.raises(PrecisionError, match=r"bfloat16 cannot run on this CPU.*AVX-512 BW/VL/DQ"):
+            resolve("bfloat16", allow_emulated=allow)
+    cpu(SKYLAKE_SP)
+    with pytest.warns(RuntimeWarning, match=r"PRECISION NOT NATIVE.*emulates it by conversion"):
+        assert resolve("bfloat16").precision == "bfloat16"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve("float32").precision == "float32"
@@ -185,11 +194,13 @@ def test_unknown_dtype():
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
-def test_cli_refuses_an_emulated_dtype(cpu, capsys):
+@pytest.mark.parametrize(("dtype", "says"), [("bfloat16", "bfloat16 cannot run on this CPU"),
+                                             ("int8", "int8 is not native on this CPU")])
+def test_cli_refuses_a_dtype_that_is_not_native(cpu, capsys, dtype, says):
     cpu(AVX2_ONLY)
-    assert main(["run", "--dtype", "bfloat16"]) == 2
+    assert main(["run", "--dtype", dtype]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "bfloat16 is not native on this CPU" in err[0] and "Traceback" not in err[0]
+    assert len(err) == 1 and says in err[0] and "Traceback" not in err[0]
 
 
 def test_cli_rejects_an_unknown_dtype(capsys):

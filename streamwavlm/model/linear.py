@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..cpu import int8_saturates
 from .threads import all_threads
 
 Precision = Literal["float32", "bfloat16", "int8"]
@@ -87,15 +88,17 @@ class PackedInt8(Packed):
     oneDNN's fast int8 kernels (VNNI) multiply unsigned by signed bytes, so a row quantised to
     ``[-127, 127]`` is shifted by 128 and passed with zero point 128; with an input scale of 1 and the
     weight scales applied inside, the kernel returns ``q_x @ (W_q * s_w).T`` in fp32, and the row scale and
-    the bias are applied after (oneDNN takes one input scale per tensor, not one per row).
+    the bias are applied after (oneDNN takes one input scale per tensor, not one per row). Without VNNI
+    the kernel's 16-bit pair sums would saturate, so weights then take 7 bits (:func:`~..cpu.int8_saturates`).
     """
 
     precision: Precision = "int8"
 
     def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
         w = weight.detach().float()
-        self.scale = (w.abs().amax(1) / 127).clamp_min(_TINY)
-        q = torch.round(w / self.scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        levels = 63 if int8_saturates() else 127
+        self.scale = (w.abs().amax(1) / levels).clamp_min(_TINY)
+        q = torch.round(w / self.scale[:, None]).clamp_(-levels, levels).to(torch.int8)
         self.weight = torch.ops.onednn.qlinear_prepack(q, None)
         self.zero_points = torch.zeros(w.shape[0], dtype=torch.long)
         self.bias = None if bias is None else bias.detach().float()
