@@ -16,6 +16,8 @@ the machine hits all of them alike; only ratios within this run mean anything. S
 Run: ``OMP_WAIT_POLICY=passive .venv/bin/python benchmarks/bench_precision.py [--out FILE]`` (passive OpenMP
 threads: on a machine shared with other work, spinning threads make every small op wait for a descheduled
 partner, which slows a streaming step up to 5x and would measure the neighbours, not the paths).
+An older CPU's paths, on this one: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 ... --paths float32,int8
+--brief`` (``streamwavlm/cpu.py``: the cap hides the instructions above it, and auto sees what oneDNN sees).
 """
 
 from __future__ import annotations
@@ -266,22 +268,34 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--streams", type=int, default=8)
+    ap.add_argument("--paths", type=lambda v: v.split(","), metavar="P,P",
+                    help="precisions to measure, natively or not (default: the native ones); with oneDNN's ISA cap "
+                         "(ONEDNN_MAX_CPU_ISA=AVX2 ...) this measures the paths an older CPU would run")
+    ap.add_argument("--brief", action="store_true",
+                    help="only the offline and streaming speeds and the agreement with fp32 (no GEMM, per-type, "
+                         "per-part or per-op sections)")
     ap.add_argument("--out", type=Path, help="also write the report to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    paths = native_precisions()
+    native = native_precisions()
+    paths = args.paths or native
+    if paths[0] != "float32" or not set(paths) <= set(PRECISIONS):
+        ap.error(f"--paths: float32 first, then any of {', '.join(PRECISIONS[1:])}")
     auto = choose_auto(use_cache=False)
     lines = [*cpu_report(), "",
-             f"Native precisions: {', '.join(paths)}"
-             + "".join(f"; {p} skipped ({missing(p)})" for p in PRECISIONS if p not in paths)
+             f"Native precisions: {', '.join(native)}"
+             + "".join(f"; {p} {'forced' if p in paths else 'skipped'} ({missing(p)})"
+                       for p in PRECISIONS if p not in native)
              + f". auto: {auto.describe()}.",
              "Base size, random weights (transformers' initialisation), the bundled speech. One model per "
              "precision, so that the candidates take turns call by call (offline: median of "
              f"{args.repeats} rounds after a warm-up; streaming: median step, the models alternating chunk by "
-             "chunk).", "", "### One GEMM", "", *gemm_section(paths, args.repeats),
-             "", "### Every linear of the encoder once (85 M weights from memory)", "",
-             *weight_set_section(paths, args.repeats)]
+             "chunk)."]
+    if not args.brief:
+        lines += ["", "### One GEMM", "", *gemm_section(paths, args.repeats),
+                  "", "### Every linear of the encoder once (85 M weights from memory)", "",
+                  *weight_set_section(paths, args.repeats)]
 
     ref = hf_model("base")
     with tempfile.TemporaryDirectory() as d:
@@ -323,6 +337,9 @@ def main() -> None:
             lines.append(f"| {r.path} cos | " + " | ".join(f"{c:.5f}" for c in r.cosine) + " |")
             lines.append(f"| {r.path} rel err | " + " | ".join(f"{e:.1e}" for e in r.rel_error) + " |")
         lines.append("")
+    if args.brief:
+        finish(lines, args.out)
+        return
     if "int8" in paths:
         lines += ["### int8 per layer type (offline, the rest fp32)", "", *sensitivity(model, wav[: 4 * 16000])]
     lines += ["", "### Where one stream's step goes, per part (C=16, L=250; mean wall ms per step)", "",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from streamwavlm import precision
 from streamwavlm.cli import main
 from streamwavlm.config import WavLMConfig, XVectorConfig
+from streamwavlm.cpu import bf16_runs
 from streamwavlm.model.linear import Linear, PackedFloat, PackedInt8, linear, pack, packing
 from streamwavlm.model.wavlm import WavLM
 from streamwavlm.precision import PrecisionError, choose_auto, missing, resolve, set_precision
@@ -65,8 +66,15 @@ def test_xvector_cosine(base, speech, p):
     assert F.cosine_similarity(got, ref).item() >= 0.99
 
 
+# the precisions that run here at all, natively or not (bf16 cannot on an AVX2-only CPU: tests/test_cpu_caps.py)
+RUNS = [p for p in ("float32", "bfloat16", "int8") if p != "bfloat16" or bf16_runs()]
+
+
+@pytest.mark.filterwarnings("ignore:PRECISION NOT NATIVE")
 def test_every_linear_follows_the_precision(base):
-    for p, kind in (("float32", PackedFloat), ("bfloat16", PackedFloat), ("int8", PackedInt8)):
+    kinds = {"float32": PackedFloat, "bfloat16": PackedFloat, "int8": PackedInt8}
+    for p in RUNS:
+        kind = kinds[p]
         set_precision(base, p)
         packed = [m.packed for m in base.modules() if isinstance(m, Linear)]
         packed += [layer.attn.qkvg_packed for layer in base.encoder.layers]
@@ -74,10 +82,11 @@ def test_every_linear_follows_the_precision(base):
         assert bool(base.frontend.low) == (precision.conv_precision(p) == "bfloat16")
 
 
+@pytest.mark.filterwarnings("ignore:PRECISION NOT NATIVE")
 def test_attention_and_rings_follow_the_conv_precision(base):
     """q, k, v, the positional convolution and a new pool's K/V rings: bf16 where the precision's products
     outside the linears are bf16, fp32 otherwise; the running statistics stay fp64."""
-    for p in ("float32", "bfloat16", "int8"):
+    for p in RUNS:
         set_precision(base, p)
         low = torch.bfloat16 if precision.conv_precision(p) == "bfloat16" else torch.float32
         assert {layer.attn.kv_dtype for layer in base.encoder.layers} == {low}
