@@ -15,6 +15,7 @@ import soundfile as sf
 from conftest import perturb_, save_hf_model, tiny_hf_config
 from safetensors.numpy import save_file
 
+from streamwavlm.checkpoint import model_from_setting
 from streamwavlm.cli import main
 from streamwavlm.diarization import espeak
 from streamwavlm.diarization.background import (
@@ -223,11 +224,15 @@ def test_background_command_learns_from_real_speech(speakers_dir, tmp_path, caps
 
 
 @needs_espeak
-def test_background_command_with_wavlm_x_vectors(speakers_dir, tmp_path, capsys):
+def test_background_command_with_wavlm_x_vectors(speakers_dir, tmp_path, capsys, monkeypatch):
     """The same windows as ``diarize --backend wavlm`` (the engine's streaming x-vectors of each file); a tiny
-    random WavLMForXVector checkpoint stands in for a real one."""
+    random WavLMForXVector checkpoint stands in for a real one, loaded once for all eleven files."""
     from transformers import WavLMForXVector
 
+    from streamwavlm.commands import enroll
+
+    loads = []
+    monkeypatch.setattr(enroll, "model_from_setting", lambda *a, **k: loads.append(a) or model_from_setting(*a, **k))
     cfg = tiny_hf_config("base", use_weighted_layer_sum=True, tdnn_dim=(24, 24, 24, 24, 48), xvector_output_dim=16)
     checkpoint = save_hf_model(perturb_(WavLMForXVector(cfg), seed=4), tmp_path / "sv")
     out = tmp_path / "bg.safetensors"
@@ -235,6 +240,7 @@ def test_background_command_with_wavlm_x_vectors(speakers_dir, tmp_path, capsys)
                  str(checkpoint), "--xvector", "30,10"]) == 0
     bg = load_background(out, f"wavlm:{Path(checkpoint).name}")
     assert (bg.speakers, bg.dims, bg.mean.shape) == (len(VOICES), len(VOICES) - 1, (16,))
+    assert len(loads) == 1
     with pytest.raises(BackgroundError, match="same backend"):
         load_background(out, "resemblyzer")
 

@@ -89,6 +89,25 @@ def test_stream_result_does_not_depend_on_how_the_audio_is_cut(spoken):
     assert results[0] and results[0] == results[1] == results[2]
 
 
+def test_a_skipped_span_keeps_one_window_and_the_windows_after_it(spoken):
+    """Skipping a span (a diarizer behind a live source) is pushing that much silence with every window in it
+    declined, but keeps at most one window of audio, however long the span."""
+    from streamwavlm.diarization.embedders import ResemblyzerEmbedder
+
+    audio = spoken[0].audio[:16000 * 12]
+    for before, gap in ((8000, 100), (8000, 7000), (20000, 25600), (20500, 16000 * 60)):
+        skipped, pushed = ResemblyzerEmbedder(), ResemblyzerEmbedder()
+        for e in (skipped, pushed):
+            e.push(audio[:before])
+        skipped.skip(gap)
+        pushed.push(np.zeros(gap, np.float32), lambda start, end: None)
+        assert (skipped._first, skipped._next_end) == (pushed._first, pushed._next_end)
+        assert np.array_equal(skipped._audio, pushed._audio) and len(skipped._audio) <= skipped.window
+        after = [e.push(audio[before:before + 40000]) for e in (skipped, pushed)]
+        assert [w.start for w in after[0]] == [w.start for w in after[1]] and after[0]
+        assert all(np.array_equal(a.vector, b.vector) for a, b in zip(*after, strict=True))
+
+
 def test_conversation_through_the_engine(spoken, tiny, tmp_path, capsys):
     conv, path = spoken
     rttm = tmp_path / "hyp.rttm"

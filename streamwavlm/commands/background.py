@@ -8,7 +8,6 @@ only: :func:`~.enroll.speech_windows`), so the projection is learnt on what it w
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ from ..diarization.background import DIMS, MIN_SPEAKERS, MIN_WINDOWS, SHRINKAGE,
 from ..progress import Bar
 from .common import add_checkpoint_option, positive
 from .diarize import add_diarization_options, backend_id
-from .enroll import speech_windows
+from .enroll import backend_model, speech_windows
 
 DESCRIPTION = f"""\
 Learn a background model for `streamwavlm diarize --background FILE`: a projection that keeps the
@@ -94,11 +93,10 @@ def background(args: argparse.Namespace) -> int:
         audio_length(path)
     vectors: list[np.ndarray] = []
     labels: list[str] = []
+    model = backend_model(args)
     with Bar("embedding speakers' speech", len(files), unit="files") as bar:
         for name, path in files:
-            file_args = copy.copy(args)
-            file_args.audio = str(path)  # what speech_windows reads for the wavlm backend
-            windows = speech_windows(file_args, load_audio(path))
+            windows = speech_windows(args, str(path), load_audio(path), model)
             vectors += [w.vector for w in windows]
             labels += [name] * len(windows)
             bar.advance()

@@ -9,7 +9,6 @@ import argparse
 import asyncio
 
 import numpy as np
-import torch
 
 from ..audio.files import FileSource, load_audio
 from ..audio.validate import SAMPLE_RATE
@@ -19,7 +18,8 @@ from ..diarization.profiles import enroll as enroll_speaker
 from ..diarization.vad import make_vad, speech_fraction
 from ..diarization.window import Window
 from ..engine import Engine, EngineOutput
-from ..streaming import StreamPool, StreamSettings
+from ..model.wavlm import WavLM
+from ..streaming import StreamPool, StreamSettings, XVectorSettings
 from .common import add_checkpoint_option
 from .diarize import add_diarization_options, backend_id, xvector_settings
 
@@ -37,37 +37,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=enroll)
 
 
-async def _xvector_windows(args: argparse.Namespace) -> list[Window]:
-    """The checkpoint's streaming x-vectors over the file, through the engine as ``diarize`` gets them."""
-    torch.set_grad_enabled(False)
-    model, _ = model_from_setting(args.checkpoint)
-    xs = xvector_settings(args)
+def backend_model(args: argparse.Namespace) -> WavLM | None:
+    """The checkpoint's model for the wavlm backend (load it once per command, not per file); ``None`` for
+    resemblyzer, whose windows need no checkpoint."""
+    return model_from_setting(args.checkpoint)[0] if args.backend == "wavlm" else None
+
+
+async def _xvector_windows(model: WavLM, xs: XVectorSettings, path: str) -> list[Window]:
+    """The model's streaming x-vectors over the file, through the engine as ``diarize`` gets them."""
     windows: list[Window] = []
 
     async def collect(out: EngineOutput) -> None:
         windows.extend(windows_from_output(out, xs.window, model.cfg.hop))
 
     async with Engine(StreamPool(model, StreamSettings(xvector=xs)), [collect]) as engine:
-        engine.add(FileSource(args.audio), "enroll", live=False)
+        engine.add(FileSource(path), "enroll", live=False)
         await engine.drain()
     return windows
 
 
-def speech_windows(args: argparse.Namespace, audio: np.ndarray) -> list[Window]:
-    """The backend's windows over ``audio`` that are mostly speech."""
+def speech_windows(args: argparse.Namespace, path: str, audio: np.ndarray, model: WavLM | None) -> list[Window]:
+    """The backend's windows over ``audio`` (the file ``path``) that are mostly speech; ``model`` is
+    :func:`backend_model`'s."""
     flags = make_vad(args.vad).push(audio) if args.vad != "none" else None
 
     def speech(start: float, end: float) -> bool:
         return flags is None or speech_fraction(flags, start, end) >= MIN_SPEECH
 
-    if args.backend == "resemblyzer":  # windows that are not speech are not embedded at all
+    if model is None:  # resemblyzer: windows that are not speech are not embedded at all
         return ResemblyzerEmbedder().push(audio, lambda a, b: a if speech(a / SAMPLE_RATE, b / SAMPLE_RATE) else None)
-    return [w for w in asyncio.run(_xvector_windows(args)) if speech(w.start, w.end)]
+    return [w for w in asyncio.run(_xvector_windows(model, xvector_settings(args), path)) if speech(w.start, w.end)]
 
 
 def enroll(args: argparse.Namespace) -> int:
     audio = load_audio(args.audio)
-    windows = speech_windows(args, audio)
+    windows = speech_windows(args, args.audio, audio, backend_model(args))
     speaker = enroll_speaker(args.profiles, backend_id(args), args.name,
                              np.stack([w.vector for w in windows]) if windows else np.zeros((0, 1)))
     print(f"enrolled {speaker.name!r} from {len(windows)} windows of {args.audio} "

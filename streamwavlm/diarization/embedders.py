@@ -114,6 +114,19 @@ class ResemblyzerEmbedder:
         return sorted(windows, key=lambda w: w.end)
 
 
+    def skip(self, samples: int) -> None:
+        """``samples`` more of the stream that are not analysed (a diarizer behind a live source): the clock
+        moves on and no window that ends in them is embedded. What is kept is what the next window needs, with
+        silence in place of the gap, so memory stays one window however long the gap."""
+        end = self._first + len(self._audio) + samples
+        if end >= self._next_end:
+            self._next_end += ((end - self._next_end) // self.hop + 1) * self.hop
+        start = max(self._first, self._next_end - self.window)
+        kept = self._audio[start - self._first:]
+        self._audio = np.concatenate([kept, np.zeros(end - start - len(kept), np.float32)])
+        self._first = start
+
+
 def windows_from_output(out: EngineOutput, window_frames: int, hop_samples: int) -> list[Window]:
     """The x-vectors of an engine output as windows; the engine's ``stream_start`` keeps them on the stream's
     timeline when it dropped audio."""

@@ -184,7 +184,7 @@ class StreamDiarization:
         if self.vad is not None:
             self.diarizer.add_speech(self.vad.skip(n))
         if self.embedder is not None:  # the embedder's clock moves on; no window over the gap is embedded
-            self.embedder.push(np.zeros(n, np.float32), lambda start, end: None)
+            self.embedder.skip(n)
         return self.diarizer.advance(self._samples / SAMPLE_RATE)
 
     def _run(self, samples: np.ndarray) -> list[TurnEvent]:
@@ -230,13 +230,14 @@ class Session:
     hop_samples: int = 320
     handlers: list[EventHandler] = field(default_factory=list)
     keep_finished: int = 1000
-    streams: dict[str, StreamDiarization] = field(default_factory=dict)
-    finished: OrderedDict[str, list[Segment]] = field(default_factory=OrderedDict)
-    worker: DiarizationWorker | None = None
     capacity: int = 256  # chunks of audio (or batches of windows) that may wait for the worker
-    skipped: dict[str, float] = field(default_factory=dict)  # seconds of live audio not analysed, per stream
-    _active: set[str] = field(default_factory=set)  # streams fed and not closed, as the event loop sees them
-    _behind: dict[str, int] = field(default_factory=dict)  # samples skipped and not yet told to the stream
+    # the session's state, read by callers but never given to the constructor
+    streams: dict[str, StreamDiarization] = field(default_factory=dict, init=False)
+    finished: OrderedDict[str, list[Segment]] = field(default_factory=OrderedDict, init=False)
+    worker: DiarizationWorker | None = field(default=None, init=False)
+    skipped: dict[str, float] = field(default_factory=dict, init=False)  # seconds of live audio not analysed
+    _active: set[str] = field(default_factory=set, init=False)  # streams fed and not closed, as the loop sees them
+    _behind: dict[str, int] = field(default_factory=dict, init=False)  # samples skipped, not yet told the stream
 
     def __post_init__(self) -> None:
         if self.backend not in ("resemblyzer", "wavlm"):
