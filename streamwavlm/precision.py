@@ -46,7 +46,7 @@ NATIVE_FLAGS: dict[Precision, tuple[str, ...]] = {
 MIN_GAIN = 1.1
 # what a forced path that is not native costs; measured under oneDNN's ISA caps (docs/precision.md)
 NOT_NATIVE: dict[Precision, str] = {
-    "bfloat16": "oneDNN emulates it by conversion, measured 2.1-2.4x slower than float32 on AVX-512 without BF16. "
+    "bfloat16": "oneDNN emulates it by conversion, measured 2.1-2.5x slower than float32 on AVX-512 without BF16. "
                 "Use --dtype auto or float32.",
     "int8": "without VNNI its 16-bit pair sums would saturate, so weights take 7 bits: less accurate, and measured "
             "no faster than float32 for one stream. Use --dtype auto or float32.",
