@@ -14,8 +14,8 @@ import os
 import platform
 from pathlib import Path
 
-# The features the precision paths depend on, and the cap levels that still allow each one (oneDNN's ISA names,
-# docs/precision.md). A cap not listed here (DEFAULT, ALL, a future name) is treated as no cap.
+# The features the precision paths depend on (_GATED), and which of them each cap level leaves on (oneDNN's ISA
+# names, docs/precision.md). A cap not listed here (DEFAULT, ALL, a future name) is treated as no cap.
 _GATED = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx_vnni", "avx_ne_convert", "avx512_vnni",
           "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 _AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
@@ -49,10 +49,16 @@ def hardware_flags() -> frozenset[str]:
 
 
 def cpu_name() -> str:
+    """The CPU's model name, for reports and the precision cache's key."""
     for line in _cpuinfo():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
+
+
+def x86() -> bool:
+    """Whether this is an x86-64 CPU, the only kind whose flags (and int8 kernels) this module knows."""
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def isa_cap() -> str | None:
@@ -78,6 +84,8 @@ def int8_saturates(flags: frozenset[str] | None = None) -> bool:
     products into a saturating 16-bit sum (255 x 127 x 2 > 32767): then weights need 7 bits, not 8.
     Measured with the ``AVX2`` and ``AVX512_CORE`` caps: 8-bit weights gave errors of 99 % on a row of equal
     inputs and twice the error on random ones (``tests/test_cpu_caps.py``)."""
+    if not x86():
+        return False
     flags = cpu_flags() if flags is None else flags
     return not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 

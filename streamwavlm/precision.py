@@ -29,7 +29,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from .cpu import bf16_runs, cpu_flags, cpu_name, isa_cap
+from .cpu import bf16_runs, cpu_flags, cpu_name, isa_cap, x86
 from .model.linear import PRECISIONS, Linear, Precision, pack, packing
 
 Dtype = Literal["float32", "bfloat16", "int8", "auto"]
@@ -81,7 +81,7 @@ def missing(precision: Precision, flags: frozenset[str] | None = None) -> str | 
         return None
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not x86():
         return f"native {precision} is detected on x86-64 only (this CPU: {platform.machine()})"
     flags = cpu_flags() if flags is None else flags
     wanted = NATIVE_FLAGS[precision]

@@ -113,7 +113,6 @@ class ResemblyzerEmbedder:
             self._audio, self._first = self._audio[keep:], self._first + keep
         return sorted(windows, key=lambda w: w.end)
 
-
     def skip(self, samples: int) -> None:
         """``samples`` more of the stream that are not analysed (a diarizer behind a live source): the clock
         moves on and no window that ends in them is embedded. What is kept is what the next window needs, with
