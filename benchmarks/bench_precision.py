@@ -40,7 +40,7 @@ from streamwavlm.checkpoint import load_model
 from streamwavlm.model import attention
 from streamwavlm.model.linear import PRECISIONS, Linear, linear, pack, packing
 from streamwavlm.model.wavlm import WavLM
-from streamwavlm.precision import apply, choose_auto, conv_precision, missing, native_precisions
+from streamwavlm.precision import apply, choose_auto, cnn_precision, missing, native_precisions
 from streamwavlm.precision_fidelity import measure_precision
 from streamwavlm.streaming import StreamPool, StreamSettings
 from streamwavlm.streaming.fidelity import compare
@@ -308,7 +308,7 @@ def main() -> None:
     lines += ["", f"### Offline forward, {secs:.0f} s", "",
               "| path | seconds | RTF | vs our fp32 | speed-up over transformers fp32 |", "|---|---|---|---|---|",
               f"| transformers fp32 | {t['transformers']:.2f} | {t['transformers'] / secs:.3f} | | 1.00x |"]
-    lines += [f"| ours {p} (CNN {conv_precision(p)}) | {t[p]:.2f} | {t[p] / secs:.3f} | {t[p] / t['float32']:.2f}x "
+    lines += [f"| ours {p} (CNN {cnn_precision(p)}) | {t[p]:.2f} | {t[p] / secs:.3f} | {t[p] / t['float32']:.2f}x "
               f"| {t['transformers'] / t[p]:.2f}x |" for p in paths]
     print("\n".join(lines), flush=True)
 

@@ -216,13 +216,23 @@ def conv_precision(precision: Precision) -> Precision:
     pool's K/V rings kept in it).
 
     Every linear layer follows the model precision (int8 in every layer type measured above 0.9998 cosine:
-    docs/precision.md). The convolutions and the attention have no int8 path, so under int8 they run in bf16
-    where that is native. Conv 0 (one input channel, 0.2 % of the FLOPs), the x-vector head, every
-    normalisation, softmax, the gate and the relative-position bias stay fp32 in every mode.
+    docs/precision.md). The positional convolution and the attention have no int8 path, so under int8 they
+    run in bf16 where that is native (the CNN's convolutions: :func:`cnn_precision`). Conv 0 (one input
+    channel, 0.2 % of the FLOPs), the x-vector head, every normalisation, softmax, the gate and the
+    relative-position bias stay fp32 in every mode.
     """
     if precision == "int8":
         return "bfloat16" if missing("bfloat16") is None else "float32"
     return precision
+
+
+def cnn_precision(precision: Precision) -> Precision:
+    """The precision of CNN convolutions 1..: :func:`conv_precision`'s, except under native int8 on a CPU
+    without native bf16 (VNNI but no BF16: Cascade Lake, Ice Lake), where they run in int8 instead of fp32:
+    there the CNN is the largest fp32 part of an int8 step (docs/precision.md). Where bf16 is native it stays
+    bf16, which is more accurate and nearly as fast."""
+    low = conv_precision(precision)
+    return "int8" if precision == "int8" and low == "float32" and missing("int8") is None else low
 
 
 def apply(model: nn.Module, precision: Precision) -> None:
@@ -241,7 +251,7 @@ def apply(model: nn.Module, precision: Precision) -> None:
     for layer in model.encoder.layers:  # type: ignore[union-attr]
         layer.attn.kv_dtype = dtype
     model.encoder.pos_conv.derive(dtype)  # type: ignore[union-attr,operator]
-    model.frontend.derive(low)  # type: ignore[union-attr,operator]
+    model.frontend.derive(cnn_precision(precision))  # type: ignore[union-attr,operator]
 
 
 def set_precision(model: nn.Module, dtype: str | Choice = "auto", allow_emulated: bool = True) -> Choice:

@@ -79,7 +79,8 @@ def test_every_linear_follows_the_precision(base):
         packed = [m.packed for m in base.modules() if isinstance(m, Linear)]
         packed += [layer.attn.qkvg_packed for layer in base.encoder.layers]
         assert packed and all(isinstance(k, kind) and k.precision == p for k in packed)
-        assert bool(base.frontend.low) == (precision.conv_precision(p) == "bfloat16")
+        assert bool(base.frontend.low) == (precision.cnn_precision(p) == "bfloat16")
+        assert bool(base.frontend.quantized) == (precision.cnn_precision(p) == "int8")
 
 
 @pytest.mark.filterwarnings("ignore:PRECISION NOT NATIVE")
@@ -132,6 +133,29 @@ def test_int8_rows_are_independent():
         torch.testing.assert_close(linear(loud, w, b, packed)[1:], linear(x[1:], w, b, packed))
         rel = (linear(x, w, b, packed) - F.linear(x, w, b)).norm() / F.linear(x, w, b).norm()
     assert rel < 0.02
+
+
+@native("int8")
+@pytest.mark.parametrize("mode", ["default", "layer_norm"])
+def test_int8_convolutions_keep_every_frame_and_every_stream_apart(speech, mode):
+    """The CNN in int8 (what int8 runs on a CPU without native bf16): every frame of speech close to fp32, the
+    quietest included (one activation scale per utterance zeroed them: cosine 0), and a stream's frames the
+    same whether a loud stream is stepped with it or not. (With Base's GroupNorm; Large's LayerNorm after each
+    convolution evens the frames out.)"""
+    from streamwavlm.model.frontend import FrontEnd
+
+    torch.manual_seed(0)
+    front = FrontEnd(WavLMConfig(extractor_mode=mode, conv_bias=mode == "layer_norm"))
+    with torch.no_grad():
+        ref = front(speech[None])[0]
+        front.derive("int8")
+        assert front.quantized
+        alone = front(speech[None])[0]
+        together = front(torch.stack([speech * 1000, speech]))[1]
+    cosine = F.cosine_similarity(alone, ref, dim=-1)
+    quiet = ref.norm(dim=-1) < ref.norm(dim=-1).quantile(0.1)
+    assert cosine.min() > 0.99 and cosine[quiet].min() > 0.99, (cosine.min(), cosine[quiet].min())
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- the choice

@@ -3,8 +3,10 @@
 The convolutions run channels-first through oneDNN (measured faster here than GEMMs over strided
 channels-last views, which need a copy of every overlapping window); only the output is channels-last.
 Under a bf16 precision (:meth:`FrontEnd.derive`) convolutions 1.. run in bf16 with fp32 accumulation and
-their activations stay bf16 between them (a bf16 conv rounds its input to bf16 anyway); conv 0, which reads
-the raw waveform and feeds the GroupNorm statistics, and every normalisation stay fp32.
+their activations stay bf16 between them (a bf16 conv rounds its input to bf16 anyway). Under int8 (on CPUs
+without native bf16: :func:`~streamwavlm.precision.cnn_precision`) they run channels-last as int8 linears over
+each output frame's window, so that every frame gets its own activation scale. Conv 0, which reads the raw
+waveform and feeds the GroupNorm statistics, and every normalisation stay fp32.
 
 Block 0 of the group-norm variant (Base, Base+) normalises each channel over the whole utterance, which is
 the one part of WavLM that cannot stream exactly. The front end therefore takes the GroupNorm statistics as
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import WavLMConfig
-from .linear import Precision, cpu_inference
+from .linear import PackedInt8, Precision, cpu_inference
 
 Stats = tuple[Tensor, Tensor]  # per-channel (mean, biased variance), each (B, C)
 
@@ -45,16 +47,23 @@ class FrontEnd(nn.Module):
                 self.norms.append(nn.GroupNorm(out_ch, out_ch, eps=self.eps))
             in_ch = out_ch
         self.low: list[tuple[Tensor, Tensor | None]] = []  # bf16 oneDNN (weight, bias) of convs 1.. if derived
+        self.quantized: list[PackedInt8] = []  # int8 linears over each frame's window, convs 1.., if derived
 
     def derive(self, precision: Precision) -> None:
         """Derive the convolutions' weights for ``precision``: for bf16, copies of convs 1.. in oneDNN's blocked
-        layout (reordered once here rather than on every call; a 1-D conv is a 2-D one of height 1)."""
+        layout (reordered once here rather than on every call; a 1-D conv is a 2-D one of height 1); for int8,
+        each conv as a linear from its window (kernel x channels, frame-major) to its output channels."""
+        usable = torch.backends.mkldnn.is_available() and self._on_cpu_fp32()
         self.low = [
             (torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach().bfloat16()[:, :, None],
                                                           [0, 0], [1, conv.stride[0]], [1, 1], 1),
              None if conv.bias is None else conv.bias.detach().bfloat16())
             for conv in self.convs[1:]
-        ] if precision == "bfloat16" and torch.backends.mkldnn.is_available() and self._on_cpu_fp32() else []
+        ] if precision == "bfloat16" and usable else []
+        self.quantized = [
+            PackedInt8(conv.weight.detach().permute(0, 2, 1).reshape(conv.out_channels, -1), conv.bias)
+            for conv in self.convs[1:]
+        ] if precision == "int8" and usable else []
 
     def _on_cpu_fp32(self) -> bool:
         weight = self.convs[0].weight
@@ -93,7 +102,8 @@ class FrontEnd(nn.Module):
             return wav.new_zeros(wav.shape[0], 0, self.cfg.conv_dim)
         x = wav[:, None, :]
         low = bool(self.low) and cpu_inference(wav)
-        for i in range(len(self.convs)):
+        int8 = bool(self.quantized) and cpu_inference(wav)
+        for i in range(1 if int8 else len(self.convs)):
             plain = self.group_norm and i > 0  # conv then GELU, no norm between: one fused op
             x = self._conv(i, x, low, gelu=plain)
             if plain:
@@ -105,7 +115,24 @@ class FrontEnd(nn.Module):
                 x = F.layer_norm(x.to(wav.dtype).transpose(1, 2), (x.shape[1],), norm.weight, norm.bias,
                                  self.eps).transpose(1, 2)
             x = F.gelu(x)
-        return x.to(wav.dtype).transpose(1, 2)
+        return self._int8_convs(x).to(wav.dtype) if int8 else x.to(wav.dtype).transpose(1, 2)
+
+    def _int8_convs(self, x: Tensor) -> Tensor:
+        """Convs 1.. in int8 on conv 0's activations ``(B, C, T0)``, returning ``(B, T, C)``. Channels-last, each
+        output frame's window is a row (a strided view, not a copy) of an int8 linear, quantised with its own
+        scale: one scale per utterance, as an int8 convolution takes, zeroed the quietest frames of speech
+        (docs/precision.md)."""
+        x = x.transpose(1, 2).contiguous()
+        for i, packed in enumerate(self.quantized, start=1):
+            (kernel,), (stride,) = self.convs[i].kernel_size, self.convs[i].stride
+            b, t, c = x.shape
+            frames = (t - kernel) // stride + 1
+            x = packed(x.as_strided((b, frames, kernel * c), (x.stride(0), stride * c, 1)))
+            if not self.group_norm:
+                norm = self.norms[i]
+                x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, self.eps)
+            x = F.gelu(x)
+        return x
 
     def _group_norm(self, x: Tensor, stats: Stats | None) -> Tensor:
         """Per-channel normalisation of ``x (B, C, T)`` over time with given or its own (biased) statistics."""
