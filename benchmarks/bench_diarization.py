@@ -174,6 +174,11 @@ def tune(dev: list[Spoken], background: Background) -> tuple[ClusterSettings, fl
     return grid[int(np.argmin(ders))], min(ders)
 
 
+def scores_at_latencies(test: list[Spoken], settings: ClusterSettings, background: Background) -> list[Score]:
+    """The test conversations' scores at each of ``LATENCIES``, projected by ``background``."""
+    return [total(test, functools.partial(OnlineClustering, settings), lat, background) for lat in LATENCIES]
+
+
 def with_background(lines: list[str], dev: list[Spoken], val: list[Spoken] | None, test: list[Spoken]) -> None:
     """DER with a background model (``background.py``) learnt on other voices: the choice of its size on
     validation conversations (when ``val``), then the module's defaults on the test conversations."""
@@ -203,8 +208,7 @@ def with_background(lines: list[str], dev: list[Spoken], val: list[Spoken] | Non
               f"{CLUSTER.spread}, {CLUSTER.confirm}); development "
               f"DER at 2 s {100 * dev_der:.1f} %.", "",
               "| latency (s) | test DER % | (miss / FA / confusion) |", "|---|---|---|"]
-    for lat in LATENCIES:
-        x = total(test, lambda: OnlineClustering(settings), lat, bg)
+    for lat, x in zip(LATENCIES, scores_at_latencies(test, settings, bg), strict=True):
         lines.append(f"| {lat} | {100 * x.der:.1f} | {100 * x.missed / x.total:.1f} / "
                      f"{100 * x.false_alarm / x.total:.1f} / {100 * x.confusion / x.total:.1f} |")
     lines.append("")
@@ -221,9 +225,8 @@ def background_draws(lines: list[str], dev: list[Spoken], test: list[Spoken], se
         vectors, labels = background_windows(seed)
         bg = learn(vectors, labels, RESEMBLYZER)
         settings, _ = tune(dev, bg)
-        ders = [total(test, functools.partial(OnlineClustering, settings), lat, bg).der for lat in LATENCIES]
         lines.append(f"| {seed} | {settings.new_threshold}, {settings.spread} | "
-                     f"{' / '.join(f'{100 * x:.1f}' for x in ders)} |")
+                     f"{' / '.join(f'{100 * x.der:.1f}' for x in scores_at_latencies(test, settings, bg))} |")
     lines.append("")
 
 

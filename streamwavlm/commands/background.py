@@ -93,10 +93,10 @@ def background(args: argparse.Namespace) -> int:
         audio_length(path)
     vectors: list[np.ndarray] = []
     labels: list[str] = []
-    model = backend_model(args)
+    embedder = backend_model(args)
     with Bar("embedding speakers' speech", len(files), unit="files") as bar:
         for name, path in files:
-            windows = speech_windows(args, str(path), load_audio(path), model)
+            windows = speech_windows(args, str(path), load_audio(path), embedder)
             vectors += [w.vector for w in windows]
             labels += [name] * len(windows)
             bar.advance()
@@ -106,9 +106,9 @@ def background(args: argparse.Namespace) -> int:
         raise BackgroundError(
             f"{root}: {len(speakers) - len(short)} of {len(speakers)} speakers have speech ({MIN_WINDOWS} or more "
             f"windows), a background needs at least {MIN_SPEAKERS}: give each speaker a few seconds of speech")
-    model = learn(np.stack(vectors), np.array(labels), backend_id(args), dims=args.dims, shrinkage=args.shrinkage)
-    model.save(out)
+    bg = learn(np.stack(vectors), np.array(labels), backend_id(args), dims=args.dims, shrinkage=args.shrinkage)
+    bg.save(out)
     skipped = f"; left out {len(short)} with too little speech: {', '.join(short)[:200]}" if short else ""
-    print(f"learnt a background from {model.speakers} speakers ({model.windows} speech windows, "
-          f"{model.embedder}): {model.dims} dimensions, written to {out}{skipped}")
+    print(f"learnt a background from {bg.speakers} speakers ({bg.windows} speech windows, "
+          f"{bg.embedder}): {bg.dims} dimensions, written to {out}{skipped}")
     return 0
